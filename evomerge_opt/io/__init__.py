@@ -1,0 +1,1 @@
+"""Reading checkpoints lazily, resolving model references, writing output directories atomically."""
