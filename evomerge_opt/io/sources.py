@@ -34,7 +34,8 @@ def resolve_model_ref(ref: str | os.PathLike[str]) -> str:
     path = Path(text).expanduser()
     if path.exists():
         return str(path.resolve())
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text and text.count("/") == 0:
+    # A hub id is "name" or "org/name"; anything shaped like a filesystem path must exist.
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise ModelSourceError(f"Model path {text!r} does not exist; check the path.")
     return text
 
