@@ -13,7 +13,6 @@ export TOKENIZERS_PARALLELISM ?= false
 # The stamp depends on the files that define the environment, so editing them reinstalls.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel here; a bare `torch` would pull several GB of CUDA packages.
 	$(PIP) install --quiet -c constraints.txt torch
 	$(PIP) install --quiet -c constraints.txt -e '.[dev]'

@@ -15,6 +15,7 @@ The same small form is used by the pico zoo, the test fixtures, the benchmarks a
     tie_word_embeddings: true
     sliding_window: null           # mistral only
     dtype: float32
+    tokenizer: null                # optional: tokenizer dir saved beside the model
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ class ModelConfigSpec(BaseModel):
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # Optional tokenizer (a HF tokenizer dir, model dir or zoo:NAME) saved beside the model by
+    # `evo-merge model construct`; not part of the HF config.
+    tokenizer: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfigSpec:
@@ -96,7 +100,9 @@ class ModelConfigSpec(BaseModel):
         """The ``LlamaConfig`` / ``MistralConfig`` these sizes describe."""
         from transformers import LlamaConfig, MistralConfig
 
-        kwargs: dict[str, Any] = self.model_dump(exclude={"architecture", "dtype", "sliding_window", "rope_theta"})
+        kwargs: dict[str, Any] = self.model_dump(
+            exclude={"architecture", "dtype", "sliding_window", "rope_theta", "tokenizer"}
+        )
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs["num_key_value_heads"] = self.num_key_value_heads or self.num_attention_heads
         kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
