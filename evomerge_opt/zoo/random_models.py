@@ -41,7 +41,11 @@ def random_model(spec: ModelConfigSpec, seed: int = 0, init_std: float = 0.02):
     config.initializer_range = init_std
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.to(parse_dtype(spec.dtype) or torch.float32).eval()
+    dtype = parse_dtype(spec.dtype) or torch.float32
+    # Cast parameters only: buffers such as rotary inv_freq stay float32, as from_pretrained keeps them.
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    return model.eval()
 
 
 def perturbed_copy_(model: torch.nn.Module, delta_std: float, seed: int) -> torch.nn.Module:
