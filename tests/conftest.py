@@ -91,3 +91,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """SQLAlchemy URL of the throw-away PostgreSQL server (scripts/postgres.sh); skips when none is set."""
+    url = os.environ.get("EVOMERGE_TEST_PG_URL")
+    if not url:
+        pytest.skip("EVOMERGE_TEST_PG_URL is not set (start a server with `bash scripts/postgres.sh start`)")
+    return url
