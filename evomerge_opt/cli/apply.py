@@ -1,0 +1,43 @@
+"""``evo-merge apply RECIPE --out DIR``: build a merged model directory from a PS or DFS recipe."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="Recipe YAML: parameter-space (merge_method: ...) or data-flow-space (layer_mask: ...).")
+    parser.add_argument("--out", required=True, help="Output model directory (written atomically).")
+    parser.add_argument("--device", default="cpu", help="Device to merge on: cpu (default), cuda or cuda:N.")
+    parser.add_argument("--dtype", default=None, help="Output dtype (float32, bfloat16, float16); default: the recipe's, else the base's.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace --out if it exists (only once the new one is complete).")
+    parser.add_argument("--max-shard-size", default="5GB", help="Largest safetensors shard, e.g. 2GB or 500MB (default 5GB).")
+    parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from evomerge_opt.config.recipe import PSRecipe, load_recipe
+
+    started = time.perf_counter()
+    recipe = load_recipe(args.recipe)
+    if isinstance(recipe, PSRecipe):
+        from evomerge_opt.merge.engine import stream_merge
+
+        out = stream_merge(
+            recipe, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size, progress=not args.no_progress,
+        )
+        kind = f"{recipe.merge_method} merge of {len(recipe.models)} model(s)"
+    else:
+        from evomerge_opt.dfs.api import apply_dfs_recipe
+
+        out = apply_dfs_recipe(recipe, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite)
+        kind = "data-flow-space merge"
+    out = Path(out)
+    weights = sorted(out.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in weights)
+    print(f"Wrote {out} ({kind}; {len(weights)} safetensors file(s), {size / 1e6:.1f} MB) "
+          f"in {time.perf_counter() - started:.1f}s")
+    return 0

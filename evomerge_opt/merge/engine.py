@@ -1,0 +1,178 @@
+"""The ``apply`` path: merge a PS recipe tensor by tensor from the sources' safetensors to a HF directory.
+
+``stream_merge`` never holds a whole model: for each output tensor it reads that tensor from the base
+and every source (a background thread reads the next ones while this one is merged), merges it in
+float32 on ``device``, casts it to the output dtype, checks it is finite and hands it to a writer
+thread that puts it at its pre-planned offset in the output shard (see :mod:`evomerge_opt.io.writer`).
+Peak memory is therefore a few tensors, whatever the model size. Everything is written inside an
+:func:`~evomerge_opt.io.atomic.atomic_output_dir` staging directory, so a failure (bad shapes, NaN,
+Ctrl-C) leaves no half-written output.
+
+The in-memory path for the search is :class:`~evomerge_opt.merge.resident.ResidentMerger` (re-exported
+here); both use :class:`~evomerge_opt.merge.params.RecipeParams` and agree tensor for tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge_opt.config.recipe import PSRecipe, load_recipe
+from evomerge_opt.config.yamlio import dump_yaml
+from evomerge_opt.errors import ConfigError
+from evomerge_opt.io.atomic import atomic_output_dir
+from evomerge_opt.io.model_card import copy_tokenizer, write_config, write_generation_config, write_model_card
+from evomerge_opt.io.writer import PlannedShardWriter
+from evomerge_opt.merge._base import ImportanceProvider
+from evomerge_opt.merge.methods import StreamInputs
+from evomerge_opt.merge.params import RecipeParams
+from evomerge_opt.merge.sources import MergeSources, local_model_dir
+
+logger = logging.getLogger(__name__)
+
+RECIPE_FILE = "evomerge_recipe.yml"  # the recipe beside the weights (same name as DFS outputs)
+
+def as_ps_recipe(recipe: str | os.PathLike[str] | dict[str, Any] | PSRecipe) -> PSRecipe:
+    parsed = load_recipe(recipe)
+    if not isinstance(parsed, PSRecipe):
+        raise ConfigError(
+            f"Expected a parameter-space recipe (with `merge_method`), but got a {type(parsed).__name__}; "
+            "data-flow-space recipes are applied by evomerge_opt.dfs.api."
+        )
+    return parsed
+
+
+def stream_merge(
+    recipe: str | os.PathLike[str] | dict[str, Any] | PSRecipe,
+    out_dir: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    importance: ImportanceProvider | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    progress: bool = False,
+    workers: int | None = None,
+) -> Path:
+    """Merge ``recipe`` into the HF model directory ``out_dir``; returns its path.
+
+    ``dtype`` overrides the recipe's output dtype (default: the base's). ``importance`` is needed
+    only for ``parameters.sparsify: sparsegpt``. ``workers`` tensors are merged concurrently
+    (default :func:`default_workers`).
+    """
+    recipe = as_ps_recipe(recipe)
+    out_dir = Path(out_dir)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available; use --device cpu.")
+    sources = MergeSources(recipe)
+    try:
+        out_dtype = sources.output_dtype(dtype)
+        params = RecipeParams(recipe, sources.num_layers, importance, sources.indices)
+        plan = [(name, out_dtype if dt.is_floating_point else dt, shape) for name, dt, shape in sources.entries]
+        with atomic_output_dir(out_dir, overwrite=overwrite) as staging:
+            writer = PlannedShardWriter(staging, plan, max_shard_size, metadata={"merged_by": "evo-merge"})
+            try:
+                _merge_all(sources, params, writer, dev, out_dtype, progress, workers or default_workers(dev))
+                files = writer.finish()
+            finally:
+                writer.close()
+            _write_metadata(staging, recipe, sources, out_dtype)
+        logger.info("wrote %d tensors in %d file(s) to %s", len(plan), len(files), out_dir)
+        return out_dir
+    finally:
+        sources.close()
+
+
+def default_workers(device: torch.device) -> int:
+    """Tensors merged concurrently: one per core (at most 4) on CPU, one on a GPU."""
+    return 1 if device.type != "cpu" else max(1, min(4, os.cpu_count() or 1))
+
+
+def _merge_all(sources: MergeSources, params: RecipeParams, writer: PlannedShardWriter, device: torch.device,
+               out_dtype: torch.dtype, progress: bool, workers: int) -> None:
+    """Read, merge and write every tensor: ``workers`` threads each merge whole tensors (with one torch
+    thread each: chunk-sized kernels gain nothing from intra-op threads, and OpenMP's spinning
+    barriers make them collapse on a busy machine), one thread writes, in a bounded window so at most
+    ``2 * workers`` tensors are in memory."""
+    names = [name for name, _, _ in sources.entries]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(names), desc="merging", unit="tensor")
+
+    def read_and_merge(name: str) -> torch.Tensor:
+        base = sources.base.get_tensor(name)
+        if not base.is_floating_point():
+            return base  # integer buffers are copied from the base
+        originals = sources.read_sources(name)
+        base = base.to(device, non_blocking=True)
+        originals = [sources.align(x, base, j).to(device, non_blocking=True) for j, x in enumerate(originals)]
+        out = torch.empty(base.shape, dtype=out_dtype, device=device)
+        return params.merge_into(name, StreamInputs(base, originals), out)
+
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    window = 2 * workers
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="evomerge-merge") as pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="evomerge-write") as writes:
+            pending: deque[tuple[str, Future]] = deque()
+            written: deque[Future] = deque()
+            upcoming = iter(names)
+            try:
+                for name in upcoming:
+                    pending.append((name, pool.submit(read_and_merge, name)))
+                    if len(pending) >= window:
+                        break
+                while pending:
+                    name, future = pending.popleft()
+                    out = future.result()
+                    nxt = next(upcoming, None)
+                    if nxt is not None:
+                        pending.append((nxt, pool.submit(read_and_merge, nxt)))
+                    written.append(writes.submit(writer.write, name, out))
+                    del out
+                    while len(written) > workers:
+                        written.popleft().result()
+                    if bar is not None:
+                        bar.update(1)
+                while written:
+                    written.popleft().result()
+            finally:
+                for _, future in pending:
+                    future.cancel()
+    finally:
+        torch.set_num_threads(threads)
+        if bar is not None:
+            bar.close()
+
+
+def _write_metadata(out_dir: Path, recipe: PSRecipe, sources: MergeSources, dtype: torch.dtype) -> None:
+    write_config(out_dir, sources.config, dtype)
+    write_generation_config(out_dir, sources.base_dir, sources.config)
+    tokenizer_ref = recipe.tokenizer_source
+    tokenizer_dir = sources.base_dir if tokenizer_ref in (None, "base") else local_model_dir(recipe.resolve_ref(tokenizer_ref))
+    if not copy_tokenizer(tokenizer_dir, out_dir):
+        logger.warning("no tokenizer files found in %s; the output has no tokenizer", tokenizer_dir)
+    recipe_yaml = dump_yaml(recipe.to_dict())
+    (out_dir / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")  # inside the atomic staging dir
+    write_model_card(
+        out_dir, recipe_yaml, base_model=recipe.base_model, sources=sources.refs,
+        method=recipe.merge_method, dtype=dtype, provenance=recipe.provenance,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ResidentMerger":  # lazily, to keep the import graph acyclic
+        from evomerge_opt.merge.resident import ResidentMerger
+
+        return ResidentMerger
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,541 @@
+"""Merge methods (exact semantics in shared/DESIGN.md section 4). ``METHODS`` is the registry.
+
+Notation: base ``b``, task vectors ``d_i = x_i - b``, weights ``w_i``, densities ``k_i``, scale ``lam``,
+``W = sum_i w_i``. Everything is computed in float32 whatever the stored dtype.
+
+* ``linear``:          ``out = sum_i w_i x_i / W`` (normalize, default) or ``sum_i w_i x_i``;
+  computed as ``b + sum_i w_i d_i / W`` (resp. ``W b + sum_i w_i d_i``), the same value.
+* ``task_arithmetic``: ``out = b + lam * sum_i w_i d_i`` (``/ W`` only when normalize is set).
+* ``ties``:            trim ``t_i`` = the ``round(k_i * numel)`` largest ``|d_i|`` (ties at the threshold
+  broken by index, as :func:`~evomerge_opt.merge._base.topk_mask`); elect ``s = sign(sum_i w_i t_i)``
+  with 0 -> +; disjoint merge over ``m_i = [sign(w_i t_i) == s]`` (a pruned zero never agrees):
+  ``out = b + lam * sum_i w_i t_i m_i / sum_i w_i m_i`` (den 0 -> 1), or ``b + lam * num`` without
+  normalize.
+* ``dare_ties`` / ``dare_linear``: mask ``~ Bernoulli(k_i)`` (seeded per tensor and source), rescale
+  (``inverse_density``: ``/ k_i``; ``l1``: ``* |d_i|_1 / |d_i m_i|_1``; ``none``), then TIES' elect +
+  disjoint merge, or ``b + lam * sum_i w_i d'_i`` (``/ W`` with normalize, its default).
+
+Trimming uses the sparsifier named by ``parameters.sparsify`` (``sparsegpt`` importance plugs in here
+for every trimming method) and ``parameters.rescale`` applies to every trimming method.
+
+How it is computed (the reason for the shape of this module): a merge is ~30 elementwise passes
+over each tensor. Done on whole tensors (the 28M-entry embedding of a 135M model is 113 MB in
+float32 per operand) every pass streams through main memory and the temporaries cost gigabytes.
+So the kernel works on flat chunks of :data:`CHUNK` entries that stay in cache, reading the task
+vectors chunk by chunk from :class:`TensorInputs` (the streaming path derives them from the stored
+bf16/fp16 tensors on the fly, the resident path slices its float32 copies) and writing the result
+straight into the output dtype. Magnitude trimming finds its exact threshold by sampling a band
+around it and selecting inside the band (``kthvalue`` on ~1% of the entries), so no full sort or
+full-size selection is needed. Every step is elementwise or an ordered count, so the result does not
+depend on the chunk size and both paths produce identical tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from abc import ABC
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from evomerge_opt.errors import ConfigError, NonFiniteResultError
+from evomerge_opt.merge._base import Sparsifier, TensorContext
+from evomerge_opt.merge.sparsify import MagnitudeSparsifier, RandomSparsifier
+from evomerge_opt.registry import Registry
+
+CHUNK = 1 << 17  # entries per chunk on CPU: ~10 float32 buffers of 512 KB stay in L2/L3
+GPU_CHUNK = 1 << 24
+SAMPLE = 1 << 15  # entries sampled to bracket a magnitude threshold
+FP16_MAX = 65504.0
+
+
+@dataclass
+class TensorParams:
+    """Parameters of one tensor's merge, already resolved for its layer (one entry per source)."""
+
+    weights: list[float]
+    densities: list[float]
+    normalize: bool = True
+    lam: float = 1.0
+    rescale: str = "none"
+    sparsifier: Sparsifier | None = None
+
+
+class Workspace:
+    """Reusable float32 chunk buffers. Fresh 512 KB temporaries would cost a page-faulting mmap each
+    (glibc serves them with mmap), which made out-of-place ops ~10x slower than the arithmetic."""
+
+    def __init__(self, device: torch.device, size: int) -> None:
+        self.device, self.size = device, size
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, key: str, length: int) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty(self.size, dtype=torch.float32, device=self.device)
+        return buffer[:length]
+
+
+_WORKSPACES = threading.local()
+
+
+def workspace(device: torch.device) -> Workspace:
+    """This thread's workspace for ``device`` (threads merging different tensors never share one)."""
+    spaces = getattr(_WORKSPACES, "spaces", None)
+    if spaces is None:
+        spaces = _WORKSPACES.spaces = {}
+    key = str(device)
+    if key not in spaces:
+        spaces[key] = Workspace(device, GPU_CHUNK if device.type == "cuda" else CHUNK)
+    return spaces[key]
+
+
+class TensorInputs:
+    """Read access to one tensor's base and task vectors, flat and in float32 (never mutate results).
+
+    ``*_chunk`` methods may return a view of resident data or fill the given scratch ``buffer``.
+    """
+
+    shape: torch.Size
+    numel: int
+    device: torch.device
+    num_sources: int
+
+    def base_chunk(self, start: int, end: int, buffer: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_chunk(self, index: int, start: int, end: int, base: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_at(self, index: int, positions: torch.Tensor) -> torch.Tensor:
+        """``d_index`` at flat ``positions`` (int64 on ``device``)."""
+        raise NotImplementedError
+
+    def delta_full(self, index: int) -> torch.Tensor:
+        """The whole task vector, shaped (may allocate; used by sparsifiers that need the tensor)."""
+        raise NotImplementedError
+
+
+class ResidentInputs(TensorInputs):
+    """Inputs over float32 tensors held in memory: ``base`` and ``deltas[i]`` (same shape)."""
+
+    def __init__(self, base: torch.Tensor, deltas: list[torch.Tensor]) -> None:
+        self.shape = base.shape
+        self.numel = base.numel()
+        self.device = base.device
+        self.num_sources = len(deltas)
+        self._base = base.reshape(-1)
+        self._deltas = [d.reshape(-1) for d in deltas]
+        self._shaped = deltas
+
+    def base_chunk(self, start, end, buffer):
+        return self._base[start:end]
+
+    def delta_chunk(self, index, start, end, base, buffer):
+        return self._deltas[index][start:end]
+
+    def delta_at(self, index, positions):
+        return self._deltas[index][positions]
+
+    def delta_full(self, index):
+        return self._shaped[index]
+
+
+class StreamInputs(TensorInputs):
+    """Inputs over the stored tensors (any float dtype): ``d_i = float32(x_i) - float32(b)`` on the fly."""
+
+    def __init__(self, base: torch.Tensor, sources: list[torch.Tensor]) -> None:
+        self.shape = base.shape
+        self.numel = base.numel()
+        self.device = base.device
+        self.num_sources = len(sources)
+        self._base = base.reshape(-1)
+        self._sources = [x.reshape(-1) for x in sources]
+
+    def base_chunk(self, start, end, buffer):
+        chunk = self._base[start:end]
+        return chunk if chunk.dtype == torch.float32 else buffer.copy_(chunk)
+
+    def delta_chunk(self, index, start, end, base, buffer):
+        return torch.sub(self._sources[index][start:end], base, out=buffer)  # upcast + subtract in one pass
+
+    def delta_at(self, index, positions):
+        return torch.sub(self._sources[index][positions], self._base[positions].float())
+
+    def delta_full(self, index):
+        return torch.sub(self._sources[index], self._base.float()).reshape(self.shape)
+
+
+# ---- trimming: which entries of a task vector survive -------------------------------------------------
+# A keeper trims each chunk of a task vector, in increasing order. No bool tensors in the hot path:
+# this torch build's comparison/bool kernels are ~10x slower than float ones, so `|d| > thr` trimming
+# is one `hardshrink(d, thr)` (exactly: d if |d| > thr else 0), and precomputed bool masks are cast to
+# float through numpy (vectorised).
+
+
+class Keeper:
+    """Keeps every entry: ``trim`` returns the task vector itself."""
+
+    def trim(self, start: int, end: int, delta: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        """The trimmed chunk: ``delta`` itself (kept whole) or ``buffer`` filled with it."""
+        return delta
+
+    def mask(self, start: int, end: int, delta: torch.Tensor) -> torch.Tensor:
+        """The boolean keep-mask of the chunk (slow path: l1 rescale and tests)."""
+        return torch.ones(end - start, dtype=torch.bool, device=delta.device)
+
+
+class MaskKeeper(Keeper):
+    """A precomputed boolean mask (random / SparseGPT / custom sparsifiers)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self._mask = mask.reshape(-1)
+        self._numpy = self._mask.numpy() if self._mask.device.type == "cpu" else None
+
+    def trim(self, start, end, delta, buffer):
+        if self._numpy is not None:
+            buffer.numpy()[:] = self._numpy[start:end]  # numpy's bool -> float cast is vectorised
+        else:
+            buffer.copy_(self._mask[start:end])
+        return buffer.mul_(delta)
+
+    def mask(self, start, end, delta):
+        return self._mask[start:end]
+
+
+class ThresholdKeeper(Keeper):
+    """Keep ``|d| > thr`` plus the first ``ties`` entries (by index) with ``|d| == thr``."""
+
+    def __init__(self, threshold: float, ties: int, equal_total: int) -> None:
+        self.threshold = threshold
+        self.ties = ties
+        if ties == equal_total:  # every tied entry is kept: |d| >= thr, i.e. |d| > the float below thr
+            self.shrink = float(torch.nextafter(torch.tensor(threshold), torch.tensor(-math.inf)))
+            self.ties = 0
+        else:
+            self.shrink = threshold
+
+    def _tied(self, delta: torch.Tensor) -> torch.Tensor | None:
+        """Positions of the next tied entries to keep (consumes the tie budget)."""
+        if self.ties <= 0:
+            return None
+        magnitude = delta.abs()
+        if magnitude.device.type == "cpu":
+            tied = torch.from_numpy(np.flatnonzero(magnitude.numpy() == self.threshold)[: self.ties])
+        else:
+            tied = (magnitude == self.threshold).nonzero().squeeze(1)[: self.ties]
+        self.ties -= tied.numel()
+        return tied.to(delta.device)
+
+    def trim(self, start, end, delta, buffer):
+        trimmed = torch.ops.aten.hardshrink.out(delta, self.shrink, out=buffer)
+        tied = self._tied(delta)
+        if tied is not None and tied.numel():
+            trimmed[tied] = delta[tied]
+        return trimmed
+
+    def mask(self, start, end, delta):
+        keep = delta.abs() > self.shrink
+        tied = self._tied(delta)
+        if tied is not None and tied.numel():
+            keep[tied] = True
+        return keep
+
+
+class NoneKeeper(Keeper):
+    def trim(self, start, end, delta, buffer):
+        return buffer.zero_()
+
+    def mask(self, start, end, delta):
+        return torch.zeros(end - start, dtype=torch.bool, device=delta.device)
+
+
+def _chunks(inputs: TensorInputs):
+    step = GPU_CHUNK if inputs.device.type == "cuda" else CHUNK
+    for start in range(0, inputs.numel, step):
+        yield start, min(start + step, inputs.numel)
+
+
+def magnitude_keeper(inputs: TensorInputs, index: int, density: float) -> Keeper:
+    """Exactly the ``round(density * numel)`` largest ``|d|`` (= ``topk_mask(d.abs(), density)``)."""
+    numel = inputs.numel
+    k = round(density * numel)
+    if k >= numel:
+        return Keeper()
+    if k <= 0:
+        return NoneKeeper()
+    if numel > 4 * SAMPLE:
+        found = _threshold_by_band(inputs, index, k)
+        if found is not None:
+            return ThresholdKeeper(*found)
+    magnitude = inputs.delta_full(index).reshape(-1).abs()
+    threshold = _kth_largest(magnitude, k)
+    above = int((magnitude > threshold).sum())
+    equal = int((magnitude == threshold).sum())
+    return ThresholdKeeper(threshold, k - above, equal)
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> float:
+    """The k-th largest entry of a flat float32 tensor, by selection (numpy's introselect on CPU)."""
+    n = values.numel()
+    if values.device.type == "cpu":
+        return float(np.partition(values.numpy(), n - k)[n - k])
+    return float(values.kthvalue(n - k + 1).values)
+
+
+def _threshold_by_band(inputs: TensorInputs, index: int, k: int) -> tuple[float, int, int] | None:
+    """Sample |d| to bracket the k-th largest in ``(lo, hi]``, count above, select inside the band."""
+    numel = inputs.numel
+    # Stratified sample: one random entry in each of SAMPLE equal strata (sorted positions, so the
+    # gather walks memory forward). Any sample gives the same exact answer; it only sets the band.
+    generator = torch.Generator().manual_seed(numel * 31 + k)
+    stride = numel // SAMPLE
+    positions = torch.arange(SAMPLE, dtype=torch.int64) * stride + torch.randint(stride, (SAMPLE,), generator=generator)
+    sample = inputs.delta_at(index, positions.to(inputs.device)).abs().cpu().numpy()
+    rank = k / numel * SAMPLE  # expected sample entries above the threshold
+    margin = 6.0 * math.sqrt(SAMPLE * (k / numel) * (1 - k / numel)) + 32
+    hi_rank, lo_rank = int(rank - margin), int(rank + margin)  # ranks from the top
+    order = [SAMPLE - 1 - r for r in (hi_rank, lo_rank) if 0 <= r < SAMPLE]
+    picked = np.partition(sample, order) if order else sample
+    hi = float(picked[SAMPLE - 1 - hi_rank]) if hi_rank >= 0 else math.inf
+    lo = float(picked[SAMPLE - 1 - lo_rank]) if lo_rank < SAMPLE else -1.0
+    space = workspace(inputs.device)
+    on_cpu = inputs.device.type == "cpu"
+    above_hi = 0
+    band: list = []
+    flags = np.empty(space.size, dtype=bool) if on_cpu else None
+    flags2 = np.empty(space.size, dtype=bool) if on_cpu else None
+    for start, end in _chunks(inputs):
+        length = end - start
+        base = inputs.base_chunk(start, end, space("base", length))
+        delta = inputs.delta_chunk(index, start, end, base, space("d0", length))
+        magnitude = torch.abs(delta, out=space("keep", length))
+        if on_cpu:  # numpy's comparisons are vectorised (torch's bool kernels here are not)
+            values, above, inside = magnitude.numpy(), flags[:length], flags2[:length]
+            above_hi += int(np.count_nonzero(np.greater(values, hi, out=above)))
+            np.greater(values, lo, out=above)
+            np.less_equal(values, hi, out=inside)
+            np.logical_and(above, inside, out=inside)
+            band.append(values[inside])
+        else:
+            above_hi += int((magnitude > hi).sum())
+            band.append(magnitude[(magnitude > lo) & (magnitude <= hi)])
+    values = torch.from_numpy(np.concatenate(band)) if on_cpu else torch.cat(band)
+    need = k - above_hi  # entries still to take from the band
+    if not 0 < need <= values.numel():
+        return None  # the sample missed (vanishingly rare): fall back to a full selection
+    threshold = _kth_largest(values, need)
+    above = above_hi + int((values > threshold).sum())
+    equal = int((values == threshold).sum())
+    return threshold, k - above, equal
+
+
+def make_keeper(inputs: TensorInputs, index: int, density: float, params: TensorParams, ctx: TensorContext) -> Keeper:
+    sparsifier = params.sparsifier
+    if sparsifier is None or density >= 1.0:
+        return Keeper()
+    if type(sparsifier) is MagnitudeSparsifier:
+        return magnitude_keeper(inputs, index, density)
+    if type(sparsifier) is RandomSparsifier:
+        # The random mask depends only on the shape (and the seeded generator): no task vector needed.
+        stand_in = torch.zeros((), device=inputs.device).expand(inputs.shape)
+        return MaskKeeper(sparsifier.mask(stand_in, density, ctx))
+    delta = inputs.delta_full(index)
+    return MaskKeeper(sparsifier.mask(delta, density, ctx).to(inputs.device))
+
+
+def _full_mask(inputs: TensorInputs, index: int, keeper: Keeper) -> torch.Tensor:
+    """A keeper's whole mask as a bool tensor (consumes a ThresholdKeeper's tie budget)."""
+    space = workspace(inputs.device)
+    parts = []
+    for start, end in _chunks(inputs):
+        length = end - start
+        delta = inputs.delta_chunk(index, start, end, inputs.base_chunk(start, end, space("base", length)),
+                                   space("d0", length))
+        parts.append(keeper.mask(start, end, delta).clone())
+    return torch.cat(parts)
+
+
+def rescale_factor(inputs: TensorInputs, index: int, density: float, keeper: Keeper, rescale: str) -> float:
+    if rescale == "none" or isinstance(keeper, NoneKeeper) or type(keeper) is Keeper:
+        return 1.0
+    if rescale == "inverse_density":
+        return 1.0 / density
+    if rescale == "l1":
+        # |d|_1 / |d * m|_1 so the kept entries keep the task vector's L1 norm (0 kept -> factor 1).
+        mask = _full_mask(inputs, index, keeper)
+        delta = inputs.delta_full(index).reshape(-1)
+        total = float(delta.abs().sum(dtype=torch.float64))
+        kept = float((delta * mask).abs().sum(dtype=torch.float64))
+        return total / kept if kept > 0 else 1.0
+    raise ConfigError(f"Unknown rescale {rescale!r}; valid ones are: inverse_density, l1, none.")
+
+
+# ---- the methods ---------------------------------------------------------------------------------------
+
+
+def total_weight(weights: list[float], what: str) -> float:
+    total = float(sum(weights))
+    if total <= 0:
+        raise ConfigError(
+            f"With normalize on the total weight must be > 0 (it divides the merge), but the weights "
+            f"{weights} sum to {total:g} for tensor {what!r}; make the total positive or set "
+            "parameters.normalize: false."
+        )
+    return total
+
+
+class MergeMethod(ABC):
+    """A merge rule. The generic kernel below covers trim -> (elect + disjoint merge | weighted sum).
+
+    Subclasses set the class attributes; a new method may override :meth:`merge` entirely (it gets
+    :class:`TensorInputs` and must fill ``out``, a flat tensor of the output dtype).
+    """
+
+    name: str = ""
+    default_sparsify: str | None = None  # None: the method does not trim unless asked
+    default_rescale: str = "none"
+    default_normalize: bool = True
+    needs_base: bool = True  # False: base_model is only a reference (linear)
+    elect: bool = False  # TIES sign election + disjoint merge, else a weighted sum
+    linear: bool = False  # normalize off means W*b + sum (linear) instead of b + lam*sum
+
+    def merge(self, inputs: TensorInputs, params: TensorParams, ctxs: list[TensorContext], out: torch.Tensor) -> None:
+        """Write the merged tensor into ``out`` (flat, output dtype, on ``inputs.device``)."""
+        name = ctxs[0].name
+        keepers, scales = [], []
+        for i, (density, weight, ctx) in enumerate(zip(params.densities, params.weights, ctxs)):
+            keeper = make_keeper(inputs, i, density, params, ctx)
+            if params.rescale == "l1" and isinstance(keeper, ThresholdKeeper):
+                keeper = MaskKeeper(_full_mask(inputs, i, keeper))  # l1 needs two passes: a stateless mask
+            keepers.append(keeper)
+            scales.append(weight * rescale_factor(inputs, i, density, keeper, params.rescale))
+        divisor = total_weight(params.weights, name) if params.normalize and not self.elect else 1.0
+        lam = 1.0 if self.linear else params.lam
+        base_scale = float(sum(params.weights)) if self.linear and not params.normalize else 1.0
+        space = workspace(inputs.device)
+        finite = True
+        for start, end in _chunks(inputs):
+            length = end - start
+            base = inputs.base_chunk(start, end, space("base", length))
+            terms = []
+            for i, keeper in enumerate(keepers):
+                delta = inputs.delta_chunk(i, start, end, base, space(f"d{i}", length))
+                trimmed = keeper.trim(start, end, delta, space(f"t{i}", length))
+                if trimmed is delta:  # kept whole: never write into (possibly resident) task vectors
+                    term = torch.mul(delta, scales[i], out=space(f"t{i}", length))
+                else:
+                    term = trimmed.mul_(scales[i]) if scales[i] != 1.0 else trimmed
+                terms.append(term)  # w_i * rescale_i * trim(d_i)
+            if self.elect:
+                mixed = _elect_and_merge(terms, params.weights, params.normalize, space, length)
+            else:
+                mixed = terms[0]
+                for term in terms[1:]:
+                    mixed.add_(term)
+                if divisor != 1.0:
+                    mixed.div_(divisor)
+            if lam != 1.0:
+                mixed.mul_(lam)
+            mixed.add_(base, alpha=base_scale) if base_scale != 1.0 else mixed.add_(base)
+            # NaN/inf check at the cost of one reduction: a non-finite sum flags the chunk
+            # (a false alarm from overflowing huge values is settled by the exact check below).
+            if not math.isfinite(float(mixed.sum())) or (
+                out.dtype == torch.float16 and float(mixed.abs().max()) > FP16_MAX
+            ):
+                finite = False
+            out[start:end].copy_(mixed)
+        if not finite:
+            _raise_if_not_finite(name, out)
+
+
+def _raise_if_not_finite(name: str, out: torch.Tensor) -> None:
+    bad = int((~torch.isfinite(out)).sum())
+    if bad:
+        raise NonFiniteResultError(
+            f"The merge of tensor {name!r} produced {bad} NaN/inf values (dtype {out.dtype}); check the "
+            "sources for NaN/inf, the weights/lambda for overflow, or choose a wider output dtype."
+        )
+
+
+def _elect_and_merge(terms: list[torch.Tensor], weights: list[float], normalize: bool, space: Workspace,
+                     length: int) -> torch.Tensor:
+    """TIES steps 2-3 on one chunk of ``w_i t_i``: sign election (0 counts as +), disjoint mean."""
+    sign = space("total", length).copy_(terms[0])
+    for term in terms[1:]:
+        sign.add_(term)
+    sign.sign_().add_(0.5).sign_()  # s = sign(sum), with 0 -> +1: {-1, 0, 1} + 0.5 -> sign -> {-1, 1, 1}
+    num = space("num", length)
+    den = space("den", length)
+    agree = space("keep", length)
+    for j, (term, weight) in enumerate(zip(terms, weights)):
+        # [sign(w t) == s] = [w t * s > 0]; a zero (pruned) entry gives 0 and never agrees.
+        torch.mul(term, sign, out=agree).sign_().clamp_(min=0.0)
+        if j == 0:
+            torch.mul(term, agree, out=num)
+            torch.mul(agree, weight, out=den)
+        else:
+            num.addcmul_(term, agree)
+            den.add_(agree, alpha=weight)
+    if not normalize:
+        return num
+    # den 0 -> 1 without bool kernels: add (1 - sign|den|), which is 1 exactly where den == 0, else 0.
+    torch.abs(den, out=agree).sign_().neg_().add_(1.0)
+    return num.div_(den.add_(agree))
+
+
+METHODS: Registry[type[MergeMethod]] = Registry("merge method")
+
+
+@METHODS.register("linear")
+class Linear(MergeMethod):
+    name = "linear"
+    needs_base = False
+    linear = True
+
+
+@METHODS.register("task_arithmetic")
+class TaskArithmetic(MergeMethod):
+    name = "task_arithmetic"
+    default_normalize = False
+
+
+@METHODS.register("ties")
+class Ties(MergeMethod):
+    name = "ties"
+    default_sparsify = "magnitude"
+    elect = True
+
+
+@METHODS.register("dare_ties")
+class DareTies(Ties):
+    name = "dare_ties"
+    default_sparsify = "random"
+    default_rescale = "inverse_density"
+
+
+@METHODS.register("dare_linear")
+class DareLinear(TaskArithmetic):
+    name = "dare_linear"
+    default_sparsify = "random"
+    default_rescale = "inverse_density"
+    default_normalize = True
+
+
+def get_method(name: str) -> MergeMethod:
+    """An instance of the registered method ``name`` (unknown -> error listing the valid ones)."""
+    return METHODS.get(name)()
+
+
+def merge_tensors(
+    method: str, base: torch.Tensor, deltas: list[torch.Tensor], params: TensorParams,
+    ctxs: list[TensorContext] | None = None, name: str = "tensor",
+) -> torch.Tensor:
+    """Convenience for tests and callers with whole tensors: float32 result of ``method``."""
+    ctxs = ctxs or [TensorContext(name=name, source_index=i) for i in range(len(deltas))]
+    out = torch.empty(base.numel(), dtype=torch.float32, device=base.device)
+    inputs = ResidentInputs(base.float(), [d.float() for d in deltas])
+    get_method(method).merge(inputs, params, ctxs, out)
+    return out.reshape(base.shape)
