@@ -102,3 +102,35 @@ def test_obs_trim_compensates_the_output_error():
     # With H = I there is nothing to compensate: OBS trimming is magnitude trimming per block.
     eye = obs_trim(delta, 0.5, torch.eye(16) * 2, blocksize=16)
     assert torch.equal(eye != 0, topk_mask(delta.abs(), 0.5)) and torch.allclose(eye[eye != 0], delta[eye != 0])
+
+
+def test_recipe_calibration_drives_apply_and_merge(tmp_path, tiny_llama_family):
+    """`calibration:` in a recipe is all `evo-merge apply` and `merge()` need for `sparsify: sparsegpt`;
+    both paths give the same tensors, and they differ from magnitude trimming."""
+    from safetensors.torch import load_file
+
+    from evomerge_opt.cli.main import main
+    from evomerge_opt.config.yamlio import save_yaml
+    from evomerge_opt.merge.api import merge
+
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": t}) for t in
+                               ["the quick brown fox jumps over the lazy dog", "what is two plus three? five."]))
+    fam = tiny_llama_family
+    recipe = {"merge_method": "ties", "base_model": str(fam["base"]),
+              "models": [{"model": str(fam["ft0"]), "parameters": {"weight": 1.0, "density": 0.2}},
+                         {"model": str(fam["ft1"]), "parameters": {"weight": 1.0, "density": 0.2}}],
+              "parameters": {"sparsify": "sparsegpt"}, "dtype": "float32",
+              "calibration": {"datasets": [{"path": str(calib)}], "seq_len": 32}}
+    save_yaml(recipe, tmp_path / "r.yaml")
+    assert main(["apply", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    applied = {}
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        applied.update(load_file(shard))
+    in_memory = merge(recipe).state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(applied[q], in_memory[q])
+    recipe["parameters"]["sparsify"] = "magnitude"
+    assert not torch.equal(merge(recipe).state_dict()[q], applied[q])
+    for name, tensor in applied.items():
+        assert torch.isfinite(tensor).all(), name

@@ -85,6 +85,9 @@ class PSRecipe(BaseModel):
     resize_policy: Literal["error", "truncate_to_base"] = "error"
     name: str | None = None
     provenance: dict[str, Any] | None = None
+    # Calibration data for `sparsify: sparsegpt`: a list of dataset specs, or {datasets: [...],
+    # num_samples, seq_len, batch_size, per_source, damp, criterion} (see merge/hessian.py).
+    calibration: list[Any] | dict[str, Any] | None = None
 
     _source_dir: Path | None = PrivateAttr(default=None)
 

@@ -27,6 +27,10 @@ def merge(
     if isinstance(parsed, PSRecipe):
         from evomerge_opt.merge.resident import ResidentMerger
 
+        if importance is None:
+            from evomerge_opt.merge.hessian import importance_from_recipe
+
+            importance = importance_from_recipe(parsed, device=device)  # None unless sparsify: sparsegpt
         merger = ResidentMerger(parsed, device=device, dtype=dtype, importance=importance)
         return merger.build(parsed)
     from evomerge_opt.dfs.api import dfs_merge_from_config

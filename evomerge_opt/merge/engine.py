@@ -30,6 +30,7 @@ from evomerge_opt.io.atomic import atomic_output_dir
 from evomerge_opt.io.model_card import copy_tokenizer, write_config, write_generation_config, write_model_card
 from evomerge_opt.io.writer import PlannedShardWriter
 from evomerge_opt.merge._base import ImportanceProvider
+from evomerge_opt.merge.hessian import importance_from_recipe
 from evomerge_opt.merge.methods import StreamInputs
 from evomerge_opt.merge.params import RecipeParams
 from evomerge_opt.merge.sources import MergeSources, local_model_dir
@@ -70,6 +71,8 @@ def stream_merge(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but no CUDA device is available; use --device cpu.")
+    if importance is None:
+        importance = importance_from_recipe(recipe, device=dev)  # None unless it uses sparsify: sparsegpt
     sources = MergeSources(recipe)
     try:
         out_dtype = sources.output_dtype(dtype)
