@@ -210,7 +210,7 @@ def make_storage(
                     "grace_period": int(grace_period),
                     "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
                 }
-            storage = RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+            storage = _open_rdb_storage(url, engine_kwargs, kwargs)
     except ImportError as exc:
         hint = (
             " Install it with `pip install 'evomerge-opt[postgres]'`."
@@ -236,6 +236,25 @@ def make_storage(
         max_retry,
     )
     return storage
+
+
+def _open_rdb_storage(url: str, engine_kwargs: dict[str, Any], kwargs: dict[str, Any], attempts: int = 5) -> RDBStorage:
+    """``RDBStorage(url)``, retried when another process is creating the same schema at that moment.
+
+    Two workers opening a brand-new database together can both run ``CREATE TABLE``; the loser gets
+    "table ... already exists". A second attempt finds the tables and goes on.
+    """
+    import sqlalchemy
+
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            if "already exists" not in str(exc) or attempt == attempts - 1:
+                raise
+            logger.debug("schema creation raced with another process (%s); retrying", exc.orig)
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def list_study_names(storage: optuna.storages.BaseStorage) -> list[str]:
