@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import contextlib
 import os
 import struct
 import threading
@@ -225,10 +226,9 @@ class CheckpointReader(TensorReader):
     def __del__(self) -> None:  # pragma: no cover - best effort when a caller forgot close()
         if getattr(self, "_handles", None):
             for fd in self._handles.values():
-                try:
+                # No logging here: at interpreter shutdown module globals may already be gone.
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    logger.debug("fd %d of %s was already closed", fd, self.path)
             self._handles.clear()
 
 
