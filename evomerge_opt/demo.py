@@ -11,7 +11,8 @@
    and the evolved recipe, with perplexity and answer accuracy on every held-out TEST set.
 
 Options: ``--trials N`` (default 200), ``--space FILE``, ``--zoo-root DIR``, ``--preset default|small``,
-``--out DIR`` (default ``demo_out``), ``--study NAME``, ``--keep-study`` (resume instead of starting fresh).
+``--out DIR`` (default ``demo_out``), ``--study NAME``, ``--keep-study`` (resume instead of starting fresh),
+``--n-jobs K`` (search processes sharing the study; default ``min(2, cores)``: each uses one torch thread).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
     parser.add_argument("--study", default=STUDY)
     parser.add_argument("--keep-study", action="store_true", help="Resume the demo study instead of a fresh one.")
+    parser.add_argument("--n-jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="Search worker processes sharing the study (default: min(2, CPU cores)).")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[2/4] search: {args.trials} trials of {args.space} (study {args.study}, {storage})", flush=True)
     t = time.perf_counter()
     _cli("search", "--space", args.space, "--trials", str(args.trials), "--study", args.study,
-         "--storage", storage, "--device", "cpu")
+         "--storage", storage, "--device", "cpu", "--n-jobs", str(args.n_jobs))
     t_search = time.perf_counter() - t
 
     print("[3/4] apply the best recipe and the untuned baselines", flush=True)
