@@ -26,8 +26,10 @@ vectors chunk by chunk from :class:`TensorInputs` (the streaming path derives th
 bf16/fp16 tensors on the fly, the resident path slices its float32 copies) and writing the result
 straight into the output dtype. Magnitude trimming finds its exact threshold by sampling a band
 around it and selecting inside the band (``kthvalue`` on ~1% of the entries), so no full sort or
-full-size selection is needed. Every step is elementwise or an ordered count, so the result does not
-depend on the chunk size and both paths produce identical tensors.
+full-size selection is needed; when the inputs hold the sorted ``|d|`` (the resident merger's
+magnitude index) the threshold is a lookup plus two binary searches instead. Every step is
+elementwise or an ordered count, so the result does not depend on the chunk size and both paths
+produce identical tensors.
 """
 
 from __future__ import annotations
@@ -116,6 +118,17 @@ class TensorInputs:
     def delta_full(self, index: int) -> torch.Tensor:
         """The whole task vector, shaped (may allocate; used by sparsifiers that need the tensor)."""
         raise NotImplementedError
+
+    def sorted_magnitude(self, index: int) -> torch.Tensor | None:
+        """``|d_index|`` flat and sorted ascending (``None``: not available). When an input can give it
+        (the resident merger keeps it), magnitude trimming finds its exact threshold by a lookup."""
+        return None
+
+    def has_negative_zero(self, index: int) -> bool | None:
+        """Whether ``d_index`` holds a ``-0.0`` entry (``None``: unknown). Lets magnitude trimming at a
+        threshold of 0 skip its tie bookkeeping: without ``-0.0`` keeping a zero or trimming it to
+        ``+0.0`` gives the same bits."""
+        return None
 
 
 class ResidentInputs(TensorInputs):
@@ -206,13 +219,19 @@ class MaskKeeper(Keeper):
 
 
 class ThresholdKeeper(Keeper):
-    """Keep ``|d| > thr`` plus the first ``ties`` entries (by index) with ``|d| == thr``."""
+    """Keep ``|d| > thr`` plus the first ``ties`` entries (by index) with ``|d| == thr``.
 
-    def __init__(self, threshold: float, ties: int, equal_total: int) -> None:
+    ``zeros_unsigned``: the task vector has no ``-0.0``; then at ``thr == 0`` the trimmed chunk is the
+    task vector itself bit for bit (every nonzero kept, every zero ``+0.0`` kept or not), so
+    :meth:`trim` returns it without locating the tied zeros.
+    """
+
+    def __init__(self, threshold: float, ties: int, equal_total: int, zeros_unsigned: bool = False) -> None:
         self.threshold = threshold
         self.ties = ties
+        self.whole = threshold == 0.0 and zeros_unsigned
         if ties == equal_total:  # every tied entry is kept: |d| >= thr, i.e. |d| > the float below thr
-            self.shrink = float(torch.nextafter(torch.tensor(threshold), torch.tensor(-math.inf)))
+            self.shrink = float(np.nextafter(np.float32(threshold), np.float32(-math.inf)))  # float32's step
             self.ties = 0
         else:
             self.shrink = threshold
@@ -230,6 +249,8 @@ class ThresholdKeeper(Keeper):
         return tied.to(delta.device)
 
     def trim(self, start, end, delta, buffer):
+        if self.whole:
+            return delta
         trimmed = torch.ops.aten.hardshrink.out(delta, self.shrink, out=buffer)
         tied = self._tied(delta)
         if tied is not None and tied.numel():
@@ -266,6 +287,9 @@ def magnitude_keeper(inputs: TensorInputs, index: int, density: float) -> Keeper
         return Keeper()
     if k <= 0:
         return NoneKeeper()
+    ordered = inputs.sorted_magnitude(index)
+    if ordered is not None:
+        return ThresholdKeeper(*_threshold_from_sorted(ordered, k), inputs.has_negative_zero(index) is False)
     if numel > 4 * SAMPLE:
         found = _threshold_by_band(inputs, index, k)
         if found is not None:
@@ -275,6 +299,24 @@ def magnitude_keeper(inputs: TensorInputs, index: int, density: float) -> Keeper
     above = int((magnitude > threshold).sum())
     equal = int((magnitude == threshold).sum())
     return ThresholdKeeper(threshold, k - above, equal)
+
+
+def _threshold_from_sorted(ordered: torch.Tensor, k: int) -> tuple[float, int, int]:
+    """(k-th largest, ties to keep, entries equal to it) from ascending ``ordered`` values: two binary
+    searches, the same figures as the selection in :func:`magnitude_keeper`."""
+    n = ordered.numel()
+    if ordered.device.type == "cpu":
+        values = ordered.numpy()
+        threshold = values[n - k]
+        left = int(np.searchsorted(values, threshold, "left"))
+        right = int(np.searchsorted(values, threshold, "right"))
+    else:
+        point = ordered[n - k : n - k + 1]
+        threshold = point.item()
+        left = int(torch.searchsorted(ordered, point, right=False))
+        right = int(torch.searchsorted(ordered, point, right=True))
+    above = n - right
+    return float(threshold), k - above, right - left
 
 
 def _kth_largest(values: torch.Tensor, k: int) -> float:
@@ -439,14 +481,20 @@ class MergeMethod(ABC):
                     mixed.div_(divisor)
             if lam != 1.0:
                 mixed.mul_(lam)
-            mixed.add_(base, alpha=base_scale) if base_scale != 1.0 else mixed.add_(base)
+            # float32 output: the last add writes straight into it (the same kernel, no extra copy).
+            target = out[start:end] if out.dtype == torch.float32 else mixed
+            if base_scale != 1.0:
+                torch.add(mixed, base, alpha=base_scale, out=target)
+            else:
+                torch.add(mixed, base, out=target)
             # NaN/inf check at the cost of one reduction: a non-finite sum flags the chunk
             # (a false alarm from overflowing huge values is settled by the exact check below).
-            if not math.isfinite(float(mixed.sum())) or (
-                out.dtype == torch.float16 and float(mixed.abs().max()) > FP16_MAX
+            if not math.isfinite(float(target.sum())) or (
+                out.dtype == torch.float16 and float(target.abs().max()) > FP16_MAX
             ):
                 finite = False
-            out[start:end].copy_(mixed)
+            if target is mixed:
+                out[start:end].copy_(mixed)
         if not finite:
             _raise_if_not_finite(name, out)
 
@@ -463,8 +511,9 @@ def _raise_if_not_finite(name: str, out: torch.Tensor) -> None:
 def _elect_and_merge(terms: list[torch.Tensor], weights: list[float], normalize: bool, space: Workspace,
                      length: int) -> torch.Tensor:
     """TIES steps 2-3 on one chunk of ``w_i t_i``: sign election (0 counts as +), disjoint mean."""
-    sign = space("total", length).copy_(terms[0])
-    for term in terms[1:]:
+    sign = torch.add(terms[0], terms[1], out=space("total", length)) if len(terms) > 1 else \
+        space("total", length).copy_(terms[0])
+    for term in terms[2:]:
         sign.add_(term)
     sign.sign_().add_(0.5).sign_()  # s = sign(sum), with 0 -> +1: {-1, 0, 1} + 0.5 -> sign -> {-1, 1, 1}
     num = space("num", length)
