@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start or stop a throw-away PostgreSQL server on 127.0.0.1 for the multi-worker tests and benchmarks.
 #   bash scripts/postgres.sh start   -> prints the SQLAlchemy URL on stdout
+#   bash scripts/postgres.sh status  -> exit 0 when it runs
 #   bash scripts/postgres.sh stop
 # Installs Debian's postgresql with apt-get when no server binaries are found and we are root.
 set -euo pipefail
@@ -40,9 +41,13 @@ start)
     | grep -q 1 || as_pg "$BIN/createdb" -h 127.0.0.1 -p "$PORT" -U postgres evomerge
   echo "postgresql+psycopg2://postgres@127.0.0.1:$PORT/evomerge"
   ;;
+status)  # exit 0 when our server is running
+  BIN=$(find_bindir) || exit 1
+  as_pg "$BIN/pg_ctl" -D "$PGROOT/data" status >/dev/null 2>&1
+  ;;
 stop)
   BIN=$(find_bindir) || exit 0
   as_pg "$BIN/pg_ctl" -D "$PGROOT/data" -m fast stop >/dev/null 2>&1 || true
   ;;
-*) echo "usage: $0 start|stop" >&2; exit 2 ;;
+*) echo "usage: $0 start|status|stop" >&2; exit 2 ;;
 esac

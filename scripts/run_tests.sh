@@ -8,9 +8,12 @@ marker="not slow"
 if [ "${1:-}" = "--all" ]; then marker=""; shift; fi
 
 if [ -z "${EVOMERGE_TEST_PG_URL:-}" ]; then
+  was_running=0
+  bash scripts/postgres.sh status 2>/dev/null && was_running=1
   if url=$(bash scripts/postgres.sh start 2>/tmp/evomerge_pg.log); then
     export EVOMERGE_TEST_PG_URL="$url"
-    trap 'bash scripts/postgres.sh stop >/dev/null 2>&1 || true' EXIT
+    # Stop the server afterwards only if this run started it.
+    [ "$was_running" = 1 ] || trap 'bash scripts/postgres.sh stop >/dev/null 2>&1 || true' EXIT
   else
     echo "PostgreSQL not available (see /tmp/evomerge_pg.log); its tests will be skipped." >&2
   fi

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import socket
+import os
 import math
 import time
 from collections.abc import Callable
@@ -43,6 +45,7 @@ from evomerge_opt.search.baselines import SOURCE_PREFIX
 from evomerge_opt.search.codec import SearchCodec, path_length
 
 logger = logging.getLogger(__name__)
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 _SHAPE_WORDS = ("shape", "size mismatch", "must match the size", "dimension")
 
@@ -300,7 +303,8 @@ class SearchObjective:
         recipe = enqueued.get("recipe") if baseline else None
         # Written with the results in one transaction when the trial ends (a trial killed before that
         # keeps its params, which decode to the same recipe).
-        start_attrs: dict[str, Any] = {"genome": [genome[n] for n in self.codec.names]}
+        # `worker` (host:pid) shows in the dashboard which process/machine ran the trial.
+        start_attrs: dict[str, Any] = {"genome": [genome[n] for n in self.codec.names], "worker": WORKER_ID}
         if recipe is None:
             recipe = self.codec.decode(genome)
             start_attrs["recipe"] = recipe
