@@ -41,8 +41,9 @@ def _cli(*args: str) -> None:
 def _load(path: Path):
     from transformers import AutoModelForCausalLM
 
-    # Our own outputs: a DFS result carries its modeling code, hence trust_remote_code for these dirs.
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype="float32").eval()
+    import evomerge_opt.dfs  # noqa: F401  registers the Evo*Affine classes: DFS outputs load without remote code
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
 
 
 def format_table(rows: list[tuple[str, dict[str, float]]], title: str) -> str:
