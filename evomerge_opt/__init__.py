@@ -12,7 +12,7 @@ from typing import Any
 
 from evomerge_opt._version import __version__
 
-__all__ = ["__version__", "merge", "dfs_merge_from_config"]
+__all__ = ["__version__", "dfs_merge_from_config", "merge"]
 
 
 def __getattr__(name: str) -> Any:

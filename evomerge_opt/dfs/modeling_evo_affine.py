@@ -509,16 +509,3 @@ class EvoMistralAffineForSequenceClassification(
     _EvoAffineForSequenceClassification, EvoMistralAffinePreTrainedModel
 ):
     _backbone_class = EvoMistralAffineModel
-
-
-__all__ = [
-    "EvoAffineHop",
-    "EvoLlamaAffineConfig",
-    "EvoLlamaAffineForCausalLM",
-    "EvoLlamaAffineForSequenceClassification",
-    "EvoLlamaAffineModel",
-    "EvoMistralAffineConfig",
-    "EvoMistralAffineForCausalLM",
-    "EvoMistralAffineForSequenceClassification",
-    "EvoMistralAffineModel",
-]

@@ -17,9 +17,9 @@ merged onto their base, and for legacy ``pytorch_model.bin`` checkpoints).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import contextlib
 import os
 import struct
 import threading

@@ -69,7 +69,7 @@ def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
     exactly ``k`` entries are kept.
     """
     numel = scores.numel()
-    k = int(round(density * numel))
+    k = round(density * numel)
     if k >= numel:
         return torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import copy
 import logging
-import socket
-import os
 import math
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
