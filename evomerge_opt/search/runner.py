@@ -227,11 +227,12 @@ class _Progress:
                 self.writer(study, trial)
         if self.bar is None:
             return
-        if self.bar.n < (self.bar.total or 0):
-            self.bar.update(1)
         if self.writer.written is not None:
             self.bar.set_postfix(best=f"{self.writer.written[1]:.4g}", trial=self.writer.written[0], refresh=False)
-        self.bar.refresh()
+        if self.bar.n < (self.bar.total or 0):
+            self.bar.update(1)  # redraws (once) with the new postfix
+        else:
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
