@@ -8,6 +8,9 @@ clear message and a non-zero exit code without a traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 
 class EvoMergeError(ValueError):
     """Base class of every user-facing error in evo-merge."""
@@ -41,3 +44,21 @@ class UnknownNameError(EvoMergeError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise wrap the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+def validation_problems(exc: Any, valid_keys: Iterable[str] | None = None, top: str = "(top level)") -> list[str]:
+    """One ``"loc: message"`` line per error of a pydantic ``ValidationError``.
+
+    Unknown keys say so (listing ``valid_keys`` when given) and missing keys read as such, so every
+    schema in the package reports problems the same way.
+    """
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(map(str, err["loc"])) or top
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key" + (f"; valid keys are: {', '.join(valid_keys)}" if valid_keys else "")
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        problems.append(f"{loc}: {msg}")
+    return problems

@@ -137,7 +137,7 @@ def test_more_bad_input(tmp_path, tiny_tokenizer):
         DataSpec.parse({"path": str(path), "num_samples": 2, "max_tokens": 10})
     with pytest.raises(ConfigError, match="exactly one of"):
         DataSpec.parse({"text_field": "text"})
-    with pytest.raises(ConfigError, match="sequence_length: Extra inputs"):
+    with pytest.raises(ConfigError, match="sequence_length: unknown key; valid keys are: .*seq_len"):
         DataSpec.parse({"path": str(path), "sequence_length": 5})
     with pytest.raises(ModelSourceError, match="HF_HUB_OFFLINE"):
         load_windows({"hub": {"name": "wikitext", "config": "wikitext-2-raw-v1", "split": "test"}}, tiny_tokenizer)

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
-from evomerge_opt.errors import ConfigError
+from evomerge_opt.errors import ConfigError, validation_problems
 
 TASKS = ("auto", "causal_lm", "sequence_classification")
 
@@ -330,15 +330,7 @@ def parse_dfs_recipe(data: Any, source: str = "recipe", source_dir: Path | None 
     try:
         recipe = DFSRecipe.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(map(str, err["loc"])) or "(top level)"
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = f"unknown key; valid keys are: {', '.join(DFSRecipe.model_fields)}"
-            elif err["type"] == "missing":
-                msg = "required key is missing"
-            problems.append(f"{loc}: {msg}")
+        problems = validation_problems(exc, DFSRecipe.model_fields)
         raise ConfigError(f"{source} is not a valid data-flow-space recipe:", problems) from None
     recipe._source_dir = source_dir
     return recipe.validate_or_raise(source)

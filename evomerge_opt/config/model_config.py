@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from evomerge_opt.errors import ConfigError
+from evomerge_opt.errors import ConfigError, validation_problems
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -120,5 +120,5 @@ class ModelConfigSpec(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = [f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+            problems = validation_problems(exc, cls.model_fields)
             raise ConfigError(f"{source} is not a valid model config:", problems) from None

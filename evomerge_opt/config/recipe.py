@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from evomerge_opt.errors import ConfigError
+from evomerge_opt.errors import ConfigError, validation_problems
 
 SOURCE_KEYS = {"weight", "density"}
 GLOBAL_KEYS = {"normalize", "lambda", "rescale", "sparsify", "weight", "density", "int8_mask"}
@@ -320,13 +320,7 @@ def parse_ps_recipe(data: dict[str, Any], source: str = "recipe", source_dir: Pa
     try:
         recipe = PSRecipe.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(map(str, err["loc"])) or "(top level)"
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = f"unknown key; valid keys are: {', '.join(PSRecipe.model_fields)}"
-            problems.append(f"{loc}: {msg}")
+        problems = validation_problems(exc, PSRecipe.model_fields)
         raise ConfigError(f"{source} is not a valid parameter-space recipe:", problems) from None
     recipe._source_dir = source_dir
     return recipe.validate_or_raise(source)

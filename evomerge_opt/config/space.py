@@ -55,7 +55,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from evomerge_opt.errors import ConfigError
+from evomerge_opt.errors import ConfigError, validation_problems
 
 KINDS = ("ps", "dfs", "ps+dfs")
 PRUNERS = ("median", "wilcoxon", "threshold", "percentile", "none")
@@ -426,15 +426,7 @@ def load_space(space: str | os.PathLike[str] | dict[str, Any] | SearchSpace) -> 
     try:
         parsed = SearchSpace.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            elif err["type"] == "missing":
-                msg = "required key is missing"
-            problems.append(f"{loc}: {msg}")
+        problems = validation_problems(exc)
         raise ConfigError(f"{source} is not a valid search space:", problems) from None
     problems = parsed.problems()
     if problems:

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge_opt.errors import ConfigError, ModelSourceError
+from evomerge_opt.errors import ConfigError, ModelSourceError, validation_problems
 from evomerge_opt.paths import cache_dir as default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class DataSpec(BaseModel):
         try:
             return cls(**data)
         except ValidationError as exc:
-            problems = [f"{'.'.join(str(p) for p in err['loc']) or 'data'}: {err['msg']}" for err in exc.errors()]
+            problems = validation_problems(exc, cls.model_fields, top="data")
             raise ConfigError(f"invalid dataset spec {value!r}", problems) from None
 
 

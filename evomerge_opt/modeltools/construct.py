@@ -34,6 +34,7 @@ import torch
 
 from evomerge_opt.config.model_config import ModelConfigSpec, dtype_name, parse_dtype
 from evomerge_opt.errors import ConfigError, ModelSourceError
+from evomerge_opt.io.checkpoint import read_config
 
 logger = logging.getLogger(__name__)
 
@@ -174,23 +175,11 @@ def _dfs_classes() -> dict[str, Any]:
     }
 
 
-def _read_config_json(path: Path) -> dict[str, Any]:
-    import json
-
-    file = path / "config.json"
-    if not file.is_file():
-        raise ModelSourceError(f"{str(path)!r} has no config.json; it is not a Hugging Face model directory.")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelSourceError(f"{str(file)!r} is not valid JSON: {exc}") from None
-
-
 def _model_class(path: Path, trust_remote_code: bool) -> tuple[Any, Any]:
     """``(config, class_or_None)`` for a model directory; ``None`` means AutoModelForCausalLM."""
     from transformers import AutoConfig
 
-    raw = _read_config_json(path)
+    raw = read_config(path)
     arch = (raw.get("architectures") or [None])[0]
     dfs = _dfs_classes()
     if arch in dfs:
