@@ -59,25 +59,13 @@ def _load_source(
     if seq_cls:
         from transformers import AutoModelForSequenceClassification
 
-        kwargs: dict[str, Any] = {"revision": source.revision}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise ModelSourceError(f"Cannot load {path!r} as a sequence classifier: {exc}") from exc
-        return model.to(device).eval(), path
+        return _from_pretrained(AutoModelForSequenceClassification, path, source.revision, dtype, device,
+                                "as a sequence classifier"), path
     if source.revision is not None:
         from transformers import AutoModelForCausalLM
 
-        kwargs = {"revision": source.revision}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise ModelSourceError(f"Cannot load {path!r} at revision {source.revision!r}: {exc}") from exc
-        return model.to(device).eval(), path
+        return _from_pretrained(AutoModelForCausalLM, path, source.revision, dtype, device,
+                                f"at revision {source.revision!r}"), path
     from evomerge_opt.pool import load_causal_lm
 
     return load_causal_lm(path, dtype=dtype, device=device), path
@@ -169,3 +157,15 @@ def apply_dfs_recipe(
 
 # The seed's name for the same function (sic: "excute"), kept so seed-003 scripts run unchanged.
 dfs_excute_from_config = dfs_merge_from_config
+
+
+def _from_pretrained(auto_cls: Any, path: str, revision: str | None, dtype: Any, device: Any, what: str) -> Any:
+    """``auto_cls.from_pretrained`` on ``device`` in eval mode; a load failure is a ModelSourceError."""
+    kwargs: dict[str, Any] = {"revision": revision}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = auto_cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"Cannot load {path!r} {what}: {exc}") from exc
+    return model.to(device).eval()
