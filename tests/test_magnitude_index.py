@@ -98,6 +98,12 @@ def test_sorted_threshold_matches_selection_with_ties(monkeypatch):
     assert wholes  # the shortcut was exercised
     # The band path for big tensors agrees too.
     monkeypatch.setattr(methods, "SAMPLE", 256)
+    monkeypatch.setattr(methods, "MIN_SAMPLE", 64)
+    monkeypatch.setattr(methods, "BAND_MIN_NUMEL", 1024)
+    band_calls = []
+    real_band = methods._threshold_by_band
+    monkeypatch.setattr(methods, "_threshold_by_band", lambda *a: band_calls.append(a) or real_band(*a))
     big = magnitude_keeper(ResidentInputs(base, [signed]), 0, 0.4)
     fast = magnitude_keeper(Indexed(base, [signed]), 0, 0.4)
     assert (fast.threshold, fast.ties) == (big.threshold, big.ties)
+    assert band_calls  # the band path ran

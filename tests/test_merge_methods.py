@@ -137,7 +137,7 @@ def test_dare_ties_equals_ties_on_the_same_rescaled_masked_deltas():
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_magnitude_keeper_equals_topk_mask_on_large_tensors(ties):
-    # > 4 * SAMPLE entries takes the sampled-band path; integer values force many ties at the threshold.
+    # >= BAND_MIN_NUMEL entries takes the sampled-band path; integer values force many ties at the threshold.
     g = torch.Generator().manual_seed(3)
     n = 300_001
     delta = torch.randint(-6, 7, (n,), generator=g).float() if ties else torch.randn(n, generator=g)

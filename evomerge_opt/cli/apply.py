@@ -6,6 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
+# When run() returns, the output directory is complete and renamed into place and no thread or file
+# is left open, so the console script may skip interpreter teardown (see cli.main.console).
+FAST_EXIT = True
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="Recipe YAML: parameter-space (merge_method: ...) or data-flow-space (layer_mask: ...).")

@@ -110,7 +110,10 @@ class PlannedShardWriter:
             self.total_size += offset
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write ``tensor`` (any device; must match the planned dtype and shape) at its offset."""
+        """Write ``tensor`` (any device; must match the planned dtype and shape) at its offset.
+
+        Threads may write different tensors at the same time (positioned writes to disjoint ranges).
+        """
         slot = self._slots.get(name)
         if slot is None:
             raise KeyError(f"Tensor {name!r} was not planned for this output.")

@@ -1,12 +1,11 @@
 """The ``apply`` path: merge a PS recipe tensor by tensor from the sources' safetensors to a HF directory.
 
-``stream_merge`` never holds a whole model: for each output tensor it reads that tensor from the base
-and every source (a background thread reads the next ones while this one is merged), merges it in
-float32 on ``device``, casts it to the output dtype, checks it is finite and hands it to a writer
-thread that puts it at its pre-planned offset in the output shard (see :mod:`evomerge_opt.io.writer`).
-Peak memory is therefore a few tensors, whatever the model size. Everything is written inside an
-:func:`~evomerge_opt.io.atomic.atomic_output_dir` staging directory, so a failure (bad shapes, NaN,
-Ctrl-C) leaves no half-written output.
+``stream_merge`` never holds a whole model: worker threads each take one output tensor at a time,
+read it from the base and every source (into buffers they reuse), merge it in float32 on ``device``,
+cast it to the output dtype, check it is finite and write it at its pre-planned offset in the output
+shard (see :mod:`evomerge_opt.io.writer`). Peak memory is therefore a few tensors, whatever the model
+size. Everything is written inside an :func:`~evomerge_opt.io.atomic.atomic_output_dir` staging
+directory, so a failure (bad shapes, NaN, Ctrl-C) leaves no half-written output.
 
 The in-memory path for the search is :class:`~evomerge_opt.merge.resident.ResidentMerger` (re-exported
 here); both use :class:`~evomerge_opt.merge.params.RecipeParams` and agree tensor for tensor.
@@ -15,9 +14,10 @@ here); both use :class:`~evomerge_opt.merge.params.RecipeParams` and agree tenso
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from evomerge_opt.config.recipe import PSRecipe, load_recipe
 from evomerge_opt.config.yamlio import dump_yaml
 from evomerge_opt.errors import ConfigError
 from evomerge_opt.io.atomic import atomic_output_dir
+from evomerge_opt.io.checkpoint import ByteBuffer
 from evomerge_opt.io.model_card import copy_tokenizer, write_config, write_generation_config, write_model_card
 from evomerge_opt.io.writer import PlannedShardWriter
 from evomerge_opt.merge._base import ImportanceProvider
@@ -99,60 +100,56 @@ def default_workers(device: torch.device) -> int:
 
 def _merge_all(sources: MergeSources, params: RecipeParams, writer: PlannedShardWriter, device: torch.device,
                out_dtype: torch.dtype, progress: bool, workers: int) -> None:
-    """Read, merge and write every tensor: ``workers`` threads each merge whole tensors (with one torch
-    thread each: chunk-sized kernels gain nothing from intra-op threads, and OpenMP's spinning
-    barriers make them collapse on a busy machine), one thread writes, in a bounded window so at most
-    ``2 * workers`` tensors are in memory."""
+    """Read, merge and write every tensor on ``workers`` threads, each taking whole tensors.
+
+    A thread writes the tensor it merged itself (the writer puts every tensor at its planned offset,
+    so the order does not matter) and starts on the next, so nothing waits for a slow neighbour; the
+    largest tensors go first so the last ones to finish are small (the embeddings are a fifth of a
+    small model: started last, one thread would merge them alone). Each thread holds one tensor (its
+    inputs, in reused buffers, and its output) at a time. Threads run torch with one intra-op thread:
+    chunk-sized kernels gain nothing from more, and OpenMP's spinning barriers make them collapse on
+    a busy machine.
+    """
     names = [name for name, _, _ in sources.entries]
+    sizes = {name: math.prod(shape) for name, _, shape in sources.entries}
+    names.sort(key=lambda name: -sizes[name])  # stable: equal sizes keep the checkpoint's order
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(names), desc="merging", unit="tensor")
 
-    def read_and_merge(name: str) -> torch.Tensor:
-        base = sources.base.get_tensor(name)
+    local = threading.local()  # each merge thread reads and merges into its own reusable buffers
+
+    def merge_and_write(name: str) -> None:
+        buffers = getattr(local, "buffers", None)
+        if buffers is None:  # [base, sources..., result]
+            buffers = local.buffers = [ByteBuffer() for _ in range(2 + len(sources.readers))]
+        base = sources.base.get_tensor(name, into=buffers[0])
         if not base.is_floating_point():
-            return base  # integer buffers are copied from the base
-        originals = sources.read_sources(name)
+            writer.write(name, base)  # integer buffers are copied from the base
+            return
+        originals = sources.read_sources(name, into=buffers[1:-1])
         base = base.to(device, non_blocking=True)
         originals = [sources.align(x, base, j).to(device, non_blocking=True) for j, x in enumerate(originals)]
-        out = torch.empty(base.shape, dtype=out_dtype, device=device)
-        return params.merge_into(name, StreamInputs(base, originals), out)
+        if device.type == "cpu":
+            out = buffers[-1].tensor(base.shape, out_dtype)
+        else:  # the CUDA caching allocator already reuses device memory
+            out = torch.empty(base.shape, dtype=out_dtype, device=device)
+        writer.write(name, params.merge_into(name, StreamInputs(base, originals), out))
 
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
-    window = 2 * workers
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="evomerge-merge")
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="evomerge-merge") as pool, \
-                ThreadPoolExecutor(1, thread_name_prefix="evomerge-write") as writes:
-            pending: deque[tuple[str, Future]] = deque()
-            written: deque[Future] = deque()
-            upcoming = iter(names)
-            try:
-                for name in upcoming:
-                    pending.append((name, pool.submit(read_and_merge, name)))
-                    if len(pending) >= window:
-                        break
-                while pending:
-                    name, future = pending.popleft()
-                    out = future.result()
-                    nxt = next(upcoming, None)
-                    if nxt is not None:
-                        pending.append((nxt, pool.submit(read_and_merge, nxt)))
-                    written.append(writes.submit(writer.write, name, out))
-                    del out
-                    while len(written) > workers:
-                        written.popleft().result()
-                    if bar is not None:
-                        bar.update(1)
-                while written:
-                    written.popleft().result()
-            finally:
-                for _, future in pending:
-                    future.cancel()
+        futures = [pool.submit(merge_and_write, name) for name in names]
+        for future in as_completed(futures):
+            future.result()  # the first failure (bad shapes, NaN) stops the merge
+            if bar is not None:
+                bar.update(1)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after a failure: drop queued tensors, finish running ones
         torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
