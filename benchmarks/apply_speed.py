@@ -278,6 +278,11 @@ def startup_argv(tool: str, evo_merge: Path, mergekit_yaml: Path | None) -> list
 def run_tool(tool: str, method: str, index: int, argv: list[str], out: Path, workdir: Path,
              threads: int) -> RunResult:
     shutil.rmtree(out, ignore_errors=True)
+    # Flush the dirty pages of earlier runs first: otherwise the kernel writes the previous tool's
+    # 270 MB output back during this run, which costs the short runs (evo-merge) far more than the
+    # long ones. Neither tool then pays for write-back: each is timed until its files are written
+    # to the page cache, as a user waits for it.
+    os.sync()
     log_path = workdir / "logs" / f"{tool}_{method}_{index}.log"
     log(f"run {index}: {tool} {method}: {' '.join(argv)}")
     result = run_measured(argv, env=_tool_env(threads), log_path=log_path).check(f"{tool} ({method})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge_opt.merge import methods
+from evomerge_opt.merge import methods, topk
 from evomerge_opt.merge.methods import ResidentInputs, ThresholdKeeper, magnitude_keeper
 from evomerge_opt.merge.resident import ResidentMerger
 
@@ -97,9 +97,9 @@ def test_sorted_threshold_matches_selection_with_ties(monkeypatch):
         assert int((kept != 0).sum()) <= round(density * delta.numel())
     assert wholes  # the shortcut was exercised
     # The band path for big tensors agrees too.
-    monkeypatch.setattr(methods, "SAMPLE", 256)
-    monkeypatch.setattr(methods, "MIN_SAMPLE", 64)
-    monkeypatch.setattr(methods, "BAND_MIN_NUMEL", 1024)
+    monkeypatch.setattr(topk, "SAMPLE", 256)
+    monkeypatch.setattr(topk, "MIN_SAMPLE", 64)
+    monkeypatch.setattr(topk, "BAND_MIN_NUMEL", 1024)
     band_calls = []
     real_band = methods._threshold_by_band
     monkeypatch.setattr(methods, "_threshold_by_band", lambda *a: band_calls.append(a) or real_band(*a))

@@ -221,7 +221,7 @@ class DFSRecipe(BaseModel):
                     f"{num_models} models; use an index in 0..{num_models - 1}."
                 )
         if self.dtype is not None:
-            from evomerge_opt.config.model_config import DTYPES
+            from evomerge_opt.config.dtypes import DTYPE_ALIASES as DTYPES
 
             if str(self.dtype).removeprefix("torch.").lower() not in DTYPES:
                 problems.append(f"dtype: unknown dtype {self.dtype!r}; valid dtypes are: {', '.join(sorted(DTYPES))}.")

@@ -148,14 +148,13 @@ class PSRecipe(BaseModel):
 
     def problems(self) -> list[str]:
         """Every rule this recipe breaks (no model is loaded; local paths are checked to exist)."""
-        from evomerge_opt.config.model_config import DTYPES
+        from evomerge_opt.config.dtypes import DTYPE_ALIASES as DTYPES
 
         problems: list[str] = []
-        methods = _method_names()
-        if self.merge_method not in methods:
+        if not is_method(self.merge_method):
             problems.append(
                 f"merge_method: unknown merge method {self.merge_method!r}; valid merge methods are: "
-                f"{', '.join(methods)}."
+                f"{', '.join(_method_names())}."
             )
         if not self.models:
             problems.append("models: at least one source model is required.")
@@ -210,7 +209,7 @@ class PSRecipe(BaseModel):
         return []
 
     def normalize_default_known(self) -> bool:
-        return self.merge_method in _method_names()
+        return is_method(self.merge_method)
 
     def _path_problems(self) -> list[str]:
         from evomerge_opt.errors import ModelSourceError
@@ -235,10 +234,20 @@ class PSRecipe(BaseModel):
         return self
 
 
+# The merge methods merge.methods registers (a test keeps the two in step): validating a recipe that
+# uses one needs no torch import, so `evo-merge apply` can start work before torch has loaded.
+BUILTIN_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+
+
 def _method_names() -> list[str]:
     from evomerge_opt.merge.methods import METHODS
 
     return METHODS.names()
+
+
+def is_method(name: str) -> bool:
+    """Whether ``name`` is a registered merge method (plug-in names import the registry)."""
+    return name in BUILTIN_METHODS or name in _method_names()
 
 
 def check_param_value(key: str, value: Any, where: str) -> list[str]:

@@ -251,7 +251,7 @@ class SearchSpace(BaseModel):
 
     def problems(self) -> list[str]:
         """Every cross-field rule this space breaks (the schema itself is checked by pydantic)."""
-        from evomerge_opt.config.model_config import DTYPES
+        from evomerge_opt.config.dtypes import DTYPE_ALIASES as DTYPES
         from evomerge_opt.config.recipe import RESCALES, SPARSIFY_NAMES, _method_names
         from evomerge_opt.search.samplers import SAMPLERS
 

@@ -4,12 +4,12 @@
 ``(file, dtype, shape)`` without reading any tensor data; ``get_tensor(name)`` reads exactly that
 tensor's bytes.
 
-Why not ``safe_open``'s mmap: every page of an mmapped file that is touched counts in the process's
-resident set until the mapping is closed, so reading three models through mmap makes the peak RSS
-the size of all three checkpoints. The safetensors format is a little-endian u64 header length, a
-JSON header ``{name: {dtype, shape, data_offsets}}`` and the raw bytes, so we parse the header once
-and ``readinto`` each tensor's byte range straight into a fresh torch buffer: one copy, no mmap, and
-the memory of a tensor is freed as soon as the merge no longer needs it.
+Why not ``safe_open``'s mmap of whole files: every page of a mapping that is touched counts in the
+process's resident set until the mapping is closed, so reading three models that way makes the peak
+RSS the size of all three checkpoints. Headers are parsed once (:mod:`evomerge_opt.io.safetensors_files`);
+``get_tensor(name)`` reads a tensor's byte range into a fresh buffer the caller owns, and
+``map_tensor(name)`` maps just that range, read-only in effect, and unmaps it when the tensor is freed
+(the streaming merge: no copy, and mapped pages never pile up).
 
 ``StateDictReader`` gives the same interface over an in-memory state dict (used for LoRA sources
 merged onto their base, and for legacy ``pytorch_model.bin`` checkpoints).
@@ -18,19 +18,25 @@ merged onto their base, and for legacy ``pytorch_model.bin`` checkpoints).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
+import mmap
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from evomerge_opt.errors import ModelSourceError
+from evomerge_opt.io.safetensors_files import (  # noqa: F401  (re-exported)
+    INDEX_FILE,
+    SINGLE_FILE,
+    read_config,
+    read_header,
+    weight_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +59,6 @@ for _name in ("float8_e4m3fn", "float8_e5m2"):
         ST_DTYPES["F8_E4M3" if _name.endswith("fn") else "F8_E5M2"] = getattr(torch, _name)
         TORCH_TO_ST[getattr(torch, _name)] = "F8_E4M3" if _name.endswith("fn") else "F8_E5M2"
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     """Where a tensor lives: ``file`` and absolute byte range ``[start, end)`` inside it."""
@@ -74,53 +76,13 @@ class TensorInfo:
 
 def read_safetensors_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse a ``.safetensors`` header: name -> :class:`TensorInfo` (file order) and ``__metadata__``."""
-    try:
-        with open(file, "rb") as handle:
-            raw = handle.read(8)
-            if len(raw) != 8:
-                raise ModelSourceError(f"{str(file)!r} is not a safetensors file (shorter than 8 bytes).")
-            (header_len,) = struct.unpack("<Q", raw)
-            if header_len > 100_000_000:
-                raise ModelSourceError(f"{str(file)!r} is not a safetensors file (header of {header_len} bytes).")
-            header = json.loads(handle.read(header_len))
-    except OSError as exc:
-        raise ModelSourceError(f"Cannot read checkpoint file {str(file)!r}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ModelSourceError(f"{str(file)!r} has a corrupt safetensors header: {exc}") from exc
-    data_start = 8 + header_len
-    metadata = header.pop("__metadata__", None) or {}
+    raw, metadata = read_header(file)
     infos: dict[str, TensorInfo] = {}
-    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-        code = entry["dtype"]
-        if code not in ST_DTYPES:
-            raise ModelSourceError(f"Tensor {name!r} in {str(file)!r} has unsupported dtype {code}.")
-        start, end = entry["data_offsets"]
-        infos[name] = TensorInfo(file, ST_DTYPES[code], tuple(entry["shape"]), data_start + start, data_start + end)
+    for name, info in raw.items():
+        if info.dtype not in ST_DTYPES:
+            raise ModelSourceError(f"Tensor {name!r} in {str(file)!r} has unsupported dtype {info.dtype}.")
+        infos[name] = TensorInfo(info.file, ST_DTYPES[info.dtype], info.shape, info.start, info.end)
     return infos, metadata
-
-
-class ByteBuffer:
-    """A grow-only byte buffer reused across tensors instead of allocating a fresh one for each.
-
-    The streaming merge keeps one per source (reads) and one for the result, per thread: a fresh
-    buffer costs a page fault per 4 KB on first touch, which was a fifth of a small merge's CPU time.
-    What is read or built in it is valid until the buffer is used again.
-    """
-
-    def __init__(self) -> None:
-        self._data = torch.empty(0, dtype=torch.uint8)
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        """``nbytes`` bytes of the buffer (grown when too small)."""
-        if self._data.numel() < nbytes:
-            self._data = torch.empty(0, dtype=torch.uint8)  # free the old one before the bigger one
-            self._data = torch.empty(nbytes, dtype=torch.uint8)
-        return self._data[:nbytes]
-
-    def tensor(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised ``dtype`` tensor of ``shape`` in the buffer."""
-        nbytes = math.prod(shape) * dtype.itemsize
-        return self.take(nbytes).view(dtype).reshape(shape)
 
 
 class TensorReader:
@@ -138,10 +100,14 @@ class TensorReader:
     def dtype(self, name: str) -> torch.dtype:
         raise NotImplementedError
 
-    def get_tensor(self, name: str, into: ByteBuffer | None = None) -> torch.Tensor:
-        """Tensor ``name`` (CPU, stored dtype). Readers over files may read it into ``into`` (then it
-        is valid until the next read into that buffer); in-memory readers ignore it."""
+    def get_tensor(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` (CPU, stored dtype), owned by the caller."""
         raise NotImplementedError
+
+    def map_tensor(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` (CPU, stored dtype) for reading only, without a copy where the reader can
+        (file readers map it); in-memory readers return the tensor itself."""
+        return self.get_tensor(name)
 
     def __contains__(self, name: object) -> bool:
         return name in set(self.names())
@@ -156,16 +122,6 @@ class TensorReader:
         self.close()
 
 
-def read_config(model_dir: Path) -> dict[str, Any]:
-    file = model_dir / "config.json"
-    if not file.is_file():
-        raise ModelSourceError(f"{str(model_dir)!r} has no config.json; it is not a Hugging Face model directory.")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelSourceError(f"{str(file)!r} is not valid JSON: {exc}") from exc
-
-
 class CheckpointReader(TensorReader):
     """Lazy reader over a model directory's ``*.safetensors`` (single file or sharded with an index)."""
 
@@ -175,27 +131,8 @@ class CheckpointReader(TensorReader):
         if not directory.is_dir():
             raise ModelSourceError(f"Model directory {self.path!r} does not exist; check the path.")
         self.config = read_config(directory)
-        index_file = directory / INDEX_FILE
-        if index_file.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise ModelSourceError(f"{str(index_file)!r} is not a valid safetensors index: {exc}") from exc
-            files = list(dict.fromkeys(weight_map.values()))
-        elif (directory / SINGLE_FILE).is_file():
-            files = [SINGLE_FILE]
-        else:
-            files = sorted(p.name for p in directory.glob("*.safetensors"))
-            if not files:
-                raise ModelSourceError(
-                    f"{self.path!r} holds no *.safetensors weights (model.safetensors or an index); "
-                    "convert the checkpoint to safetensors first."
-                )
         self._index: dict[str, TensorInfo] = {}
-        for file_name in files:
-            file = directory / file_name
-            if not file.is_file():
-                raise ModelSourceError(f"Shard {file_name!r} listed in {self.path!r}'s index is missing.")
+        for file in weight_files(directory):
             infos, _ = read_safetensors_header(file)
             self._index.update(infos)
         self._handles: dict[Path, Any] = {}
@@ -219,10 +156,10 @@ class CheckpointReader(TensorReader):
     def dtype(self, name: str) -> torch.dtype:
         return self.info(name).dtype
 
-    def get_tensor(self, name: str, into: ByteBuffer | None = None) -> torch.Tensor:
+    def get_tensor(self, name: str) -> torch.Tensor:
         """Read one tensor (CPU, stored dtype) with a single positioned read; thread-safe."""
         info = self.info(name)
-        buffer = into.take(info.nbytes) if into is not None else torch.empty(info.nbytes, dtype=torch.uint8)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             fd = self._fd(info.file)
             view = memoryview(buffer.numpy())
@@ -235,6 +172,28 @@ class CheckpointReader(TensorReader):
         if info.dtype == torch.bool:
             return buffer.view(torch.bool).reshape(info.shape)
         return buffer.view(info.dtype).reshape(info.shape)
+
+    def map_tensor(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` mapped from its file, without a copy (read it only; thread-safe).
+
+        Only the pages holding the tensor are mapped, privately, and unmapped when the tensor is
+        freed, so mapped pages never pile up in the process's memory. Compared with a read this
+        skips copying from the page cache and faulting in fresh pages: ~0.3 s of CPU on the three
+        270 MB inputs of a small merge.
+        """
+        info = self.info(name)
+        if not info.nbytes:
+            return self.get_tensor(name)
+        fd = self._fd(info.file)
+        if os.fstat(fd).st_size < info.end:  # touching a page past the end of a file is SIGBUS
+            raise ModelSourceError(f"{str(info.file)!r} is truncated: tensor {name!r} ends past the end of the file.")
+        start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        # ACCESS_COPY: writable for torch.from_numpy (no read-only warning), never written back.
+        mapped = mmap.mmap(fd, info.end - start, access=mmap.ACCESS_COPY, offset=start)
+        data = torch.from_numpy(np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=info.start - start))
+        if info.dtype == torch.bool:
+            return data.view(torch.bool).reshape(info.shape)
+        return data.view(info.dtype).reshape(info.shape)
 
     def _fd(self, file: Path) -> int:
         with self._lock:
@@ -279,7 +238,7 @@ class StateDictReader(TensorReader):
     def dtype(self, name: str) -> torch.dtype:
         return self._get(name).dtype
 
-    def get_tensor(self, name: str, into: ByteBuffer | None = None) -> torch.Tensor:
+    def get_tensor(self, name: str) -> torch.Tensor:
         return self._get(name)
 
     def _get(self, name: str) -> torch.Tensor:

@@ -130,6 +130,10 @@ class PlannedShardWriter:
                 done += os.pwrite(self._fds[slot.shard], view[done:], slot.offset + done)
         slot.written = True
 
+    def mark_written(self, name: str) -> None:
+        """Record that ``name`` was written (by a forked worker, whose own record stays in the child)."""
+        self._slots[name].written = True
+
     def finish(self) -> list[Path]:
         """Check every planned tensor was written, close the files, write the index; return the files."""
         missing = [name for name, slot in self._slots.items() if not slot.written]

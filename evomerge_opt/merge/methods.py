@@ -43,15 +43,14 @@ import numpy as np
 import torch
 
 from evomerge_opt.errors import ConfigError, NonFiniteResultError
+from evomerge_opt.merge import topk
 from evomerge_opt.merge._base import Sparsifier, TensorContext
 from evomerge_opt.merge.sparsify import MagnitudeSparsifier, RandomSparsifier
+from evomerge_opt.merge.topk import TopK
 from evomerge_opt.registry import Registry
 
 CHUNK = 1 << 17  # entries per chunk on CPU: ~10 float32 buffers of 512 KB stay in L2/L3
 GPU_CHUNK = 1 << 24
-SAMPLE = 1 << 18  # most entries sampled to bracket a magnitude threshold (see sample_layout)
-MIN_SAMPLE = 1 << 10  # fewest
-BAND_MIN_NUMEL = 1 << 15  # smaller task vectors are selected whole (cheaper than sample + band)
 FP16_MAX = 65504.0
 TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32: den floor when all weights are positive
 
@@ -146,6 +145,10 @@ class TensorInputs:
         (the resident merger keeps it), magnitude trimming finds its exact threshold by a lookup."""
         return None
 
+    def known_topk(self, index: int, k: int) -> TopK | None:
+        """The top-``k`` of ``|d_index|`` when it was computed ahead (the ``apply`` pre-pass), else ``None``."""
+        return None
+
     def has_negative_zero(self, index: int) -> bool | None:
         """Whether ``d_index`` holds a ``-0.0`` entry (``None``: unknown). Lets magnitude trimming at a
         threshold of 0 skip its tie bookkeeping: without ``-0.0`` keeping a zero or trimming it to
@@ -179,15 +182,22 @@ class ResidentInputs(TensorInputs):
 
 
 class StreamInputs(TensorInputs):
-    """Inputs over the stored tensors (any float dtype): ``d_i = float32(x_i) - float32(b)`` on the fly."""
+    """Inputs over the stored tensors (any float dtype): ``d_i = float32(x_i) - float32(b)`` on the fly.
 
-    def __init__(self, base: torch.Tensor, sources: list[torch.Tensor]) -> None:
+    ``known``: per source, a top-k of ``|d_i|`` computed ahead (or ``None``)."""
+
+    def __init__(self, base: torch.Tensor, sources: list[torch.Tensor], known: list[TopK | None] | None = None) -> None:
         self.shape = base.shape
         self.numel = base.numel()
         self.device = base.device
         self.num_sources = len(sources)
         self._base = base.reshape(-1)
         self._sources = [x.reshape(-1) for x in sources]
+        self._known = known or [None] * len(sources)
+
+    def known_topk(self, index, k):
+        known = self._known[index]
+        return known if known is not None and known.k == k else None
 
     def base_chunk(self, start, end, buffer):
         chunk = self._base[start:end]
@@ -264,6 +274,10 @@ class ThresholdKeeper(Keeper):
         else:
             self.shrink = threshold
 
+    @classmethod
+    def from_topk(cls, topk: TopK, zeros_unsigned: bool = False) -> ThresholdKeeper:
+        return cls(topk.threshold, topk.ties, topk.equal, zeros_unsigned, topk.tied_positions)
+
     def _tied(self, start: int, end: int, delta: torch.Tensor) -> torch.Tensor | None:
         """Chunk positions of the tied entries to keep in ``[start, end)``."""
         if self.tied_positions is not None:
@@ -324,19 +338,23 @@ def magnitude_keeper(inputs: TensorInputs, index: int, density: float) -> Keeper
         return Keeper()
     if k <= 0:
         return NoneKeeper()
+    known = inputs.known_topk(index, k)
+    if known is not None:
+        return ThresholdKeeper.from_topk(known)
     ordered = inputs.sorted_magnitude(index)
     if ordered is not None:
         return ThresholdKeeper(*_threshold_from_sorted(ordered, k), inputs.has_negative_zero(index) is False)
-    if numel >= BAND_MIN_NUMEL:
+    if numel >= topk.BAND_MIN_NUMEL:
         found = _threshold_by_band(inputs, index, k)
         if found is not None:
             return found
     magnitude = inputs.delta_full(index).reshape(-1).abs()
-    threshold = _kth_largest(magnitude, k)
+    if magnitude.device.type == "cpu":
+        return ThresholdKeeper.from_topk(topk.select_all(magnitude.numpy(), k))
+    threshold = float(magnitude.kthvalue(numel - k + 1).values)
     above = int((magnitude > threshold).sum())
     equal = int((magnitude == threshold).sum())
-    tied = np.flatnonzero(magnitude.numpy() == threshold)[: k - above] if magnitude.device.type == "cpu" else None
-    return ThresholdKeeper(threshold, k - above, equal, tied_positions=tied)
+    return ThresholdKeeper(threshold, k - above, equal)
 
 
 def _threshold_from_sorted(ordered: torch.Tensor, k: int) -> tuple[float, int, int]:
@@ -357,81 +375,38 @@ def _threshold_from_sorted(ordered: torch.Tensor, k: int) -> tuple[float, int, i
     return float(threshold), k - above, right - left
 
 
-def _kth_largest(values: torch.Tensor, k: int) -> float:
-    """The k-th largest entry of a flat float32 tensor, by selection (numpy's introselect on CPU)."""
-    n = values.numel()
-    if values.device.type == "cpu":
-        return float(np.partition(values.numpy(), n - k)[n - k])
-    return float(values.kthvalue(n - k + 1).values)
-
-
-def sample_layout(numel: int, row: int) -> tuple[int, int, int]:
-    """``(offset, stride, count)`` of the magnitude sample of a ``numel``-entry tensor with rows of ``row``.
-
-    An evenly strided sample, so it is a view (no random draw, no gather): the stride is made coprime
-    to the row length so the sample walks every column instead of a few. Any sample gives the same
-    exact threshold (it only places the band); a sample that misses costs a full selection, not a
-    wrong answer.
-    """
-    # Cost ~ count (sample) + numel * band share, where the band share falls as 1/sqrt(count):
-    # the sum is smallest near count = (2 numel)^(2/3) (~13k entries for 1M, ~150k for 30M).
-    count = int(min(SAMPLE, max(MIN_SAMPLE, (2 * numel) ** (2 / 3))))
-    stride = max(1, numel // count)
-    while stride > 1 and math.gcd(stride, row) != 1:
-        stride -= 1
-    return stride // 2, stride, count
-
-
 def _threshold_by_band(inputs: TensorInputs, index: int, k: int) -> ThresholdKeeper | None:
-    """Sample |d| to bracket the k-th largest in ``(lo, hi]``, count above, select inside the band.
-
-    On CPU the band keeps its entries' positions too, so the tied entries to keep are known at once
-    (bf16 task vectors have many equal magnitudes) instead of being searched for in every chunk.
-    """
+    """Sample |d| to bracket the k-th largest in ``(lo, hi]``, count above, select inside the band
+    (:mod:`evomerge_opt.merge.topk`; on a GPU the same steps in torch, without tie positions)."""
     numel = inputs.numel
-    offset, stride, count = sample_layout(numel, int(inputs.shape[-1]) if len(inputs.shape) else 1)
+    offset, stride, count = topk.sample_layout(numel, int(inputs.shape[-1]) if len(inputs.shape) else 1)
     sample = inputs.delta_strided(index, offset, stride, count).abs().cpu().numpy()
-    share = k / numel
-    rank = share * count  # expected sample entries above the threshold
-    margin = 6.0 * math.sqrt(count * share * (1 - share)) + 32
-    hi_rank, lo_rank = int(rank - margin), int(rank + margin)  # ranks from the top
-    order = [count - 1 - r for r in (hi_rank, lo_rank) if 0 <= r < count]
-    picked = np.partition(sample, order) if order else sample
-    hi = float(picked[count - 1 - hi_rank]) if hi_rank >= 0 else math.inf
-    lo = float(picked[count - 1 - lo_rank]) if lo_rank < count else -1.0
+    lo, hi = topk.band_bounds(sample, numel, k)
     space = workspace(inputs.device)
-    on_cpu = inputs.device.type == "cpu"
+    if inputs.device.type == "cpu":
+        scan = topk.BandScan(lo, hi, (space.flags("above", space.size), space.flags("inside", space.size)))
+        for start, end in _chunks(inputs):
+            length = end - start
+            base = inputs.base_chunk(start, end, space("base", length))
+            delta = inputs.delta_chunk(index, start, end, base, space("d0", length))
+            scan.add(start, torch.abs(delta, out=space("keep", length)).numpy())
+        found = scan.result(k)
+        return ThresholdKeeper.from_topk(found) if found is not None else None
     above_hi = 0
-    band: list = []
-    positions: list[np.ndarray] = []
+    band: list[torch.Tensor] = []
     for start, end in _chunks(inputs):
         length = end - start
         base = inputs.base_chunk(start, end, space("base", length))
-        delta = inputs.delta_chunk(index, start, end, base, space("d0", length))
-        magnitude = torch.abs(delta, out=space("keep", length))
-        if on_cpu:  # numpy's comparisons are vectorised (torch's bool kernels here are not)
-            values, above, inside = magnitude.numpy(), space.flags("above", length), space.flags("inside", length)
-            above_hi += int(np.count_nonzero(np.greater(values, hi, out=above)))
-            np.greater(values, lo, out=above)
-            np.less_equal(values, hi, out=inside)
-            np.logical_and(above, inside, out=inside)
-            where = np.flatnonzero(inside)  # + take: ~2x faster than values[inside]
-            band.append(values.take(where))
-            positions.append(where + start)
-        else:
-            above_hi += int((magnitude > hi).sum())
-            band.append(magnitude[(magnitude > lo) & (magnitude <= hi)])
-    values = torch.from_numpy(np.concatenate(band)) if on_cpu else torch.cat(band)
-    need = k - above_hi  # entries still to take from the band
+        magnitude = torch.abs(inputs.delta_chunk(index, start, end, base, space("d0", length)), out=space("keep", length))
+        above_hi += int((magnitude > hi).sum())
+        band.append(magnitude[(magnitude > lo) & (magnitude <= hi)])
+    values = torch.cat(band)
+    need = k - above_hi
     if not 0 < need <= values.numel():
-        return None  # the sample missed (vanishingly rare): fall back to a full selection
-    threshold = _kth_largest(values, need)
+        return None
+    threshold = float(values.kthvalue(values.numel() - need + 1).values)
     above = above_hi + int((values > threshold).sum())
-    equal = int((values == threshold).sum())
-    tied = None
-    if on_cpu:
-        tied = np.concatenate(positions)[values.numpy() == threshold][: k - above]  # ascending positions
-    return ThresholdKeeper(threshold, k - above, equal, tied_positions=tied)
+    return ThresholdKeeper(threshold, k - above, int((values == threshold).sum()))
 
 
 def make_keeper(inputs: TensorInputs, index: int, density: float, params: TensorParams, ctx: TensorContext) -> Keeper:

@@ -21,7 +21,7 @@ import torch
 
 from evomerge_opt.config.recipe import PSRecipe
 from evomerge_opt.errors import ConfigError, ModelSourceError, ShapeMismatchError
-from evomerge_opt.io.checkpoint import ByteBuffer, StateDictReader, TensorReader, open_checkpoint
+from evomerge_opt.io.checkpoint import StateDictReader, TensorReader, open_checkpoint
 from evomerge_opt.io.sources import is_peft_adapter
 from evomerge_opt.merge.methods import get_method
 
@@ -177,12 +177,10 @@ class MergeSources:
 
     # ---- reading -----------------------------------------------------------------------------------
 
-    def read_sources(self, name: str, into: list[ByteBuffer] | None = None) -> list[torch.Tensor]:
-        """The stored tensors ``name`` of every participating source (CPU, stored dtype); ``into`` gives
-        one reusable buffer per source (see :class:`~evomerge_opt.io.checkpoint.ByteBuffer`)."""
-        buffers = into or [None] * len(self.readers)
-        return [reader.get_tensor(self._source_name(reader, name, ref), into=buffer)
-                for ref, reader, buffer in zip(self.refs, self.readers, buffers)]
+    def read_sources(self, name: str) -> list[torch.Tensor]:
+        """The stored tensors ``name`` of every participating source (CPU, stored dtype), for reading
+        only (mapped from the files where possible, see :meth:`TensorReader.map_tensor`)."""
+        return [reader.map_tensor(self._source_name(reader, name, ref)) for ref, reader in zip(self.refs, self.readers)]
 
     def align(self, source: torch.Tensor, base: torch.Tensor, position: int) -> torch.Tensor:
         """``source`` with the base's shape: under ``resize_policy: truncate_to_base`` extra rows are
