@@ -100,8 +100,9 @@ def stream_merge(
 
 
 def default_workers(device: torch.device) -> int:
-    """Tensors merged concurrently: one per core (at most 4) on CPU, one on a GPU."""
-    return 1 if device.type != "cpu" else max(1, min(4, os.cpu_count() or 1))
+    """Tensors merged concurrently: on CPU one per thread torch may use (its default is one per core;
+    ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` lower it), at most 4; one on a GPU."""
+    return 1 if device.type != "cpu" else max(1, min(4, torch.get_num_threads(), os.cpu_count() or 1))
 
 
 class ByteBuffer:

@@ -23,7 +23,7 @@ import numpy as np
 SAMPLE = 1 << 18  # most entries sampled to bracket a magnitude threshold (see sample_layout)
 MIN_SAMPLE = 1 << 10  # fewest
 BAND_MIN_NUMEL = 1 << 15  # smaller task vectors are selected whole (cheaper than sample + band)
-SIGMAS = 6.0  # band half-width in standard deviations of the sample rank (a miss costs a full selection)
+SIGMAS = 4.5  # band half-width in standard deviations of the sample rank (a miss costs a full selection)
 
 
 @dataclass(frozen=True)
