@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,6 @@ from evomerge_opt.merge._base import topk_mask
 from evomerge_opt.merge.engine import stream_merge
 from evomerge_opt.merge.methods import (
     METHODS,
-    ResidentInputs,
     StreamInputs,
     ThresholdKeeper,
     magnitude_keeper,
@@ -75,8 +75,11 @@ def test_prepass_topk_is_the_merge_selection(family):
         assert (mine.tied_positions is None) == (own.tied_positions is None)
         if own.tied_positions is not None:
             assert np.array_equal(mine.tied_positions, own.tied_positions)
-        assert isinstance(magnitude_keeper(StreamInputs(inputs._base, inputs._sources, [known]), 0, density),
-                          ThresholdKeeper)
+        # The merge takes a known selection as it is, and ignores one made for another k.
+        marked = replace(known, threshold=-1.0)
+        assert magnitude_keeper(StreamInputs(inputs._base, inputs._sources, [marked]), 0, density).threshold == -1.0
+        other_k = replace(marked, k=known.k + 1)
+        assert magnitude_keeper(StreamInputs(inputs._base, inputs._sources, [other_k]), 0, density).threshold == own.threshold
         # And both are the reference top-k mask.
         delta = (sources[task.model_index].get_tensor(task.name).float() - base.get_tensor(task.name).float()).reshape(-1)
         reference = topk_mask(delta.abs(), density)
@@ -204,8 +207,3 @@ def test_band_scan_matches_a_full_selection_with_ties():
         mask[found.tied_positions] = True
         assert mask.sum() == k
         assert torch.equal(torch.from_numpy(mask), topk_mask(torch.from_numpy(magnitude), k / magnitude.size))
-
-
-def test_resident_inputs_never_use_a_foreign_table():
-    inputs = ResidentInputs(torch.zeros(10), [torch.arange(10.0)])
-    assert inputs.known_topk(0, 3) is None

@@ -43,6 +43,11 @@ def read_config(model_dir: Path) -> dict[str, Any]:
         raise ModelSourceError(f"{str(file)!r} is not valid JSON: {exc}") from exc
 
 
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's part of a config (``text_config`` of multimodal models, else the config)."""
+    return config.get("text_config") or config
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The directory's safetensors weight files (the index's shards, else model.safetensors, else all)."""
     index_file = directory / INDEX_FILE

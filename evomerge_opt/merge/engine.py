@@ -1,9 +1,9 @@
 """The ``apply`` path: merge a PS recipe tensor by tensor from the sources' safetensors to a HF directory.
 
-``stream_merge`` never holds a whole model: worker threads each take one output tensor at a time,
-read it from the base and every source (into buffers they reuse), merge it in float32 on ``device``,
-cast it to the output dtype, check it is finite and write it at its pre-planned offset in the output
-shard (see :mod:`evomerge_opt.io.writer`). Peak memory is therefore a few tensors, whatever the model
+``stream_merge`` never holds a whole model: workers (forked processes or threads, see
+:func:`_merge_all`) each take one output tensor at a time, map it from the base and every source,
+merge it in float32 on ``device``, cast it to the output dtype in a buffer they reuse, check it is
+finite and write it at its pre-planned offset in the output shard (see :mod:`evomerge_opt.io.writer`). Peak memory is therefore a few tensors, whatever the model
 size. Everything is written inside an :func:`~evomerge_opt.io.atomic.atomic_output_dir` staging
 directory, so a failure (bad shapes, NaN, Ctrl-C) leaves no half-written output.
 
@@ -88,7 +88,7 @@ def stream_merge(
             writer = PlannedShardWriter(staging, plan, max_shard_size, metadata={"merged_by": "evo-merge"})
             try:
                 task = _TensorMerger(sources, params, writer, dev, out_dtype, known_topk or {})
-                _merge_all(task, [name for name, _, _ in sources.entries], progress, workers or default_workers(dev))
+                _merge_all(task, progress, workers or default_workers(dev))
                 files = writer.finish()
             finally:
                 writer.close()
@@ -129,7 +129,6 @@ class _TensorMerger:
                  device: torch.device, out_dtype: torch.dtype, known_topk: Mapping[tuple[str, int], TopK]) -> None:
         self.sources, self.params, self.writer = sources, params, writer
         self.device, self.out_dtype, self.known_topk = device, out_dtype, known_topk
-        self.sizes = {name: math.prod(shape) for name, _, shape in sources.entries}
         self._local = threading.local()  # each worker merges into its own reusable output buffer
 
     def __call__(self, name: str) -> str:
@@ -168,7 +167,7 @@ def use_processes(device: torch.device, workers: int) -> bool:
             and threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods())
 
 
-def _merge_all(task: _TensorMerger, names: list[str], progress: bool, workers: int) -> None:
+def _merge_all(task: _TensorMerger, progress: bool, workers: int) -> None:
     """Read, merge and write every tensor on ``workers`` workers, each taking whole tensors.
 
     A worker writes the tensor it merged itself (the writer puts every tensor at its planned offset,
@@ -181,7 +180,8 @@ def _merge_all(task: _TensorMerger, names: list[str], progress: bool, workers: i
     threads. Either runs torch with one intra-op thread: chunk-sized kernels gain nothing from more,
     and OpenMP's spinning barriers make them collapse on a busy machine.
     """
-    names = sorted(names, key=lambda name: -task.sizes[name])  # stable: equal sizes keep the checkpoint's order
+    # Largest first; the sort is stable, so equal sizes keep the checkpoint's order.
+    names = [name for name, _, _ in sorted(task.sources.entries, key=lambda entry: -math.prod(entry[2]))]
     device, writer = task.device, task.writer
     threads = torch.get_num_threads()
     if device.type == "cpu":

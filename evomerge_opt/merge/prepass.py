@@ -31,7 +31,8 @@ import numpy as np
 
 from evomerge_opt.config.recipe import PSRecipe, layer_index, resolve_param
 from evomerge_opt.errors import EvoMergeError
-from evomerge_opt.io.safetensors_files import RawTensorInfo, read_config, read_index
+from evomerge_opt.io.safetensors_files import RawTensorInfo, read_config, read_index, text_config
+from evomerge_opt.io.sources import is_peft_adapter
 from evomerge_opt.merge import topk
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def plan(recipe: PSRecipe) -> list[TopKTask]:
     if base_dir is None:
         return []
     base_index = read_index(base_dir)
-    num_layers = int((read_config(base_dir).get("text_config") or read_config(base_dir)).get("num_hidden_layers") or 1)
+    num_layers = int(text_config(read_config(base_dir)).get("num_hidden_layers") or 1)
     tasks = []
     for model_index, model in enumerate(recipe.models):
         source_dir = _local_dir(recipe.resolve_ref(model.model))
@@ -92,7 +93,7 @@ def plan(recipe: PSRecipe) -> list[TopKTask]:
 def _local_dir(ref: str) -> Path | None:
     """A local directory of safetensors weights (not a LoRA adapter), else ``None``."""
     path = Path(ref)
-    if not path.is_dir() or (path / "adapter_config.json").is_file() or not any(path.glob("*.safetensors")):
+    if not path.is_dir() or is_peft_adapter(path) or not any(path.glob("*.safetensors")):
         return None
     return path
 
@@ -121,13 +122,12 @@ def _select(task: TopKTask, base: np.ndarray, source: np.ndarray, flags: tuple[n
     lo, hi = topk.band_bounds(sample, numel, k)
     scan = topk.BandScan(lo, hi, flags)
     for start in range(0, numel, CHUNK):
-        end = min(start + CHUNK, numel)
-        scan.add(start, scratch.magnitude(base[start:end], source[start:end], task))
+        scan.add(start, scratch.magnitude(base[start : start + CHUNK], source[start : start + CHUNK], task))
     found = scan.result(k)
     if found is None:  # the band missed: select over the whole task vector
         found = topk.select_all(np.concatenate([
-            scratch.magnitude(base[s : min(s + CHUNK, numel)], source[s : min(s + CHUNK, numel)], task).copy()
-            for s in range(0, numel, CHUNK)
+            scratch.magnitude(base[start : start + CHUNK], source[start : start + CHUNK], task).copy()
+            for start in range(0, numel, CHUNK)
         ]), k)
     return found
 

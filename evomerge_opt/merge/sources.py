@@ -22,6 +22,7 @@ import torch
 from evomerge_opt.config.recipe import PSRecipe
 from evomerge_opt.errors import ConfigError, ModelSourceError, ShapeMismatchError
 from evomerge_opt.io.checkpoint import StateDictReader, TensorReader, open_checkpoint
+from evomerge_opt.io.safetensors_files import text_config
 from evomerge_opt.io.sources import is_peft_adapter
 from evomerge_opt.merge.methods import get_method
 
@@ -50,10 +51,6 @@ def local_model_dir(ref: str) -> Path:
             f"Model {ref!r} is neither a local directory nor available from the Hugging Face hub/cache "
             f"({type(exc).__name__}: {exc}); check the path or download it first."
         ) from exc
-
-
-def text_config(config: dict[str, Any]) -> dict[str, Any]:
-    return config.get("text_config") or config
 
 
 def config_dtype(config: dict[str, Any]) -> torch.dtype | None:
