@@ -40,7 +40,7 @@ def test_compare_cli_end_to_end(tmp_path, tiny_llama_family, data_files, capsys)
     assert set(results) == {"ties_magnitude", "dare_random", "ties_sparsegpt", "dare_sparsegpt"}
     from transformers import AutoModelForCausalLM
 
-    from evomerge_opt.fitness.data import load_windows
+    from evomerge_opt.data.windows import load_windows
     from evomerge_opt.fitness.perplexity import PerplexityEvaluator
     from evomerge_opt.pool import load_tokenizer
 

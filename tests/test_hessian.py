@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from evomerge_opt.data.windows import TokenWindows
 from evomerge_opt.errors import ConfigError
-from evomerge_opt.fitness.data import TokenWindows
 from evomerge_opt.merge import hessian as hmod
 from evomerge_opt.merge.hessian import (
     HessianImportance,

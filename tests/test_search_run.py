@@ -177,7 +177,7 @@ def test_best_recipe_applies_and_reproduces_the_fitness(tiny_llama_family, data,
     path = tmp_path / "recipes" / "best_app.yaml"
     out = tmp_path / "merged"
     assert main(["apply", str(path), "--out", str(out)]) == 0
-    from evomerge_opt.fitness.data import load_windows
+    from evomerge_opt.data.windows import load_windows
     from evomerge_opt.fitness.perplexity import PerplexityEvaluator
     from evomerge_opt.pool import load_causal_lm, load_tokenizer
 

@@ -59,7 +59,7 @@ def test_fallbacks_and_errors():
 
 def test_ties_sparsegpt_merge_end_to_end(tmp_path, tiny_llama_family, tiny_tokenizer):
     """A TIES recipe with `sparsify: sparsegpt` merges, differs from magnitude, and has no NaN/missing tensor."""
-    from evomerge_opt.merge.api import merge
+    from evomerge_opt.api import merge_recipe
     from evomerge_opt.merge.hessian import HessianImportance
 
     calib = tmp_path / "calib.jsonl"
@@ -73,10 +73,10 @@ def test_ties_sparsegpt_merge_end_to_end(tmp_path, tiny_llama_family, tiny_token
     imp = HessianImportance([str(fam["ft0"]), str(fam["ft1"])], [{"path": str(calib)}], tiny_tokenizer,
                             seq_len=32, cache_dir=tmp_path / "h")
     with pytest.raises(ConfigError, match="sparsegpt"):
-        merge(recipe)
-    sgpt = merge(recipe, importance=imp).state_dict()
+        merge_recipe(recipe)
+    sgpt = merge_recipe(recipe, importance=imp).state_dict()
     recipe["parameters"]["sparsify"] = "magnitude"
-    mag = merge(recipe).state_dict()
+    mag = merge_recipe(recipe).state_dict()
     assert set(sgpt) == set(mag)
     for name, tensor in sgpt.items():
         assert torch.isfinite(tensor).all(), name
@@ -105,13 +105,13 @@ def test_obs_trim_compensates_the_output_error():
 
 
 def test_recipe_calibration_drives_apply_and_merge(tmp_path, tiny_llama_family):
-    """`calibration:` in a recipe is all `evo-merge apply` and `merge()` need for `sparsify: sparsegpt`;
+    """`calibration:` in a recipe is all `evo-merge apply` and `merge_recipe()` need for `sparsify: sparsegpt`;
     both paths give the same tensors, and they differ from magnitude trimming."""
     from safetensors.torch import load_file
 
+    from evomerge_opt.api import merge_recipe
     from evomerge_opt.cli.main import main
     from evomerge_opt.config.yamlio import save_yaml
-    from evomerge_opt.merge.api import merge
 
     calib = tmp_path / "calib.jsonl"
     calib.write_text("\n".join(json.dumps({"text": t}) for t in
@@ -127,10 +127,10 @@ def test_recipe_calibration_drives_apply_and_merge(tmp_path, tiny_llama_family):
     applied = {}
     for shard in (tmp_path / "out").glob("*.safetensors"):
         applied.update(load_file(shard))
-    in_memory = merge(recipe).state_dict()
+    in_memory = merge_recipe(recipe).state_dict()
     q = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(applied[q], in_memory[q])
     recipe["parameters"]["sparsify"] = "magnitude"
-    assert not torch.equal(merge(recipe).state_dict()[q], applied[q])
+    assert not torch.equal(merge_recipe(recipe).state_dict()[q], applied[q])
     for name, tensor in applied.items():
         assert torch.isfinite(tensor).all(), name

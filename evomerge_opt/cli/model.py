@@ -256,8 +256,9 @@ def _test(args: argparse.Namespace, source: Any, options: Any, output_dir: Path 
 
 
 def _dataset_batches(args: argparse.Namespace, tokenizer: Any, vocab: int, window_batches: Any) -> tuple[Any, str]:
+    from evomerge_opt.data.spec import DataSpec
+    from evomerge_opt.data.windows import load_windows
     from evomerge_opt.errors import ConfigError
-    from evomerge_opt.fitness.data import DataSpec, load_windows
 
     if tokenizer is None:
         raise ConfigError(

@@ -237,7 +237,7 @@ class SearchSpace(BaseModel):
         return value if isinstance(value, int) else self.dfs.sources.index(value)
 
     def dataset_names(self) -> list[str]:
-        from evomerge_opt.fitness.data import DataSpec
+        from evomerge_opt.data.spec import DataSpec
 
         return [DataSpec.parse(d).name or f"data{i}" for i, d in enumerate(self.fitness.datasets)]
 
@@ -346,7 +346,7 @@ class SearchSpace(BaseModel):
         names = []
         for i, data in enumerate(self.fitness.datasets):
             try:
-                from evomerge_opt.fitness.data import DataSpec
+                from evomerge_opt.data.spec import DataSpec
 
                 names.append(DataSpec.parse(data).name)
             except ConfigError as exc:
@@ -378,8 +378,8 @@ class SearchSpace(BaseModel):
 
     def check_sources(self) -> None:
         """Every pool reference, tokenizer and data file must exist (cheap; no model is loaded)."""
+        from evomerge_opt.data.spec import DataSpec
         from evomerge_opt.errors import ModelSourceError
-        from evomerge_opt.fitness.data import DataSpec
         from evomerge_opt.io.sources import resolve_model_ref
 
         problems = []

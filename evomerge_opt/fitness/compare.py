@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
+from evomerge_opt.data.spec import DataSpec
+from evomerge_opt.data.windows import TokenWindows, load_windows
 from evomerge_opt.errors import ConfigError
-from evomerge_opt.fitness.data import DataSpec, TokenWindows, load_windows
 from evomerge_opt.fitness.perplexity import FitnessResult, PerplexityEvaluator
 
 logger = logging.getLogger(__name__)

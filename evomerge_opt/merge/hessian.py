@@ -57,7 +57,7 @@ _FILE_HASH_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 def _hash_file(path: Path) -> str:
-    from evomerge_opt.fitness.data import file_sha256
+    from evomerge_opt.io.hashing import file_sha256
 
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
@@ -423,7 +423,7 @@ class HessianImportance:
     """:class:`~evomerge_opt.merge._base.ImportanceProvider` from calibration Hessians of each source.
 
     ``source_refs[i]`` is source ``i`` (``TensorContext.source_index``; the order of the recipe's
-    ``models``). ``calibration`` is one list of :class:`~evomerge_opt.fitness.data.DataSpec` shared by
+    ``models``). ``calibration`` is one list of :class:`~evomerge_opt.data.spec.DataSpec` shared by
     every source, or one list per source (``per_source=True``: each fine-tune calibrated on its own
     task data). ``num_samples`` caps the calibration rows (spread evenly over the datasets); specs
     without ``seq_len`` use ``seq_len``. Sources are processed one at a time (one model in memory);
@@ -501,7 +501,8 @@ class HessianImportance:
 
     def calibration_windows(self, source_index: int):
         """The calibration windows of source ``source_index`` (datasets merged, capped at ``num_samples``)."""
-        from evomerge_opt.fitness.data import DataSpec, TokenWindows, load_windows
+        from evomerge_opt.data.spec import DataSpec
+        from evomerge_opt.data.windows import TokenWindows, load_windows
 
         # Shared calibration lists give equal keys, so the windows are built once for all sources.
         key = repr(self._calibration[source_index])

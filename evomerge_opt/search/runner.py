@@ -412,7 +412,8 @@ class SearchRunner:
         return self._finish_setup(space, codec, storage, seed_offset=offset)
 
     def _finish_setup(self, space: SearchSpace, codec: SearchCodec, storage: Any, seed_offset: int) -> BudgetedStudy:
-        from evomerge_opt.fitness.data import DataSpec, load_windows
+        from evomerge_opt.data.spec import DataSpec
+        from evomerge_opt.data.windows import load_windows
         from evomerge_opt.fitness.perplexity import PerplexityEvaluator
         from evomerge_opt.pool import load_tokenizer
         from evomerge_opt.search.objective import CandidateBuilder, SearchObjective
