@@ -60,7 +60,7 @@ def test_fallbacks_and_errors():
 def test_ties_sparsegpt_merge_end_to_end(tmp_path, tiny_llama_family, tiny_tokenizer):
     """A TIES recipe with `sparsify: sparsegpt` merges, differs from magnitude, and has no NaN/missing tensor."""
     from evomerge_opt.api import merge_recipe
-    from evomerge_opt.merge.hessian import HessianImportance
+    from evomerge_opt.merge.sparsify.importance import HessianImportance
 
     calib = tmp_path / "calib.jsonl"
     calib.write_text("\n".join(json.dumps({"text": t}) for t in
@@ -86,7 +86,7 @@ def test_ties_sparsegpt_merge_end_to_end(tmp_path, tiny_llama_family, tiny_token
 
 
 def test_obs_trim_compensates_the_output_error():
-    from evomerge_opt.merge.sparsegpt import obs_trim
+    from evomerge_opt.merge.sparsify.importance import obs_trim
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(200, 16, generator=g) @ torch.randn(16, 16, generator=g)  # correlated inputs

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if target.suffix.lower() in (".yml", ".yaml"):
         from evomerge_opt.api import merge_recipe
         from evomerge_opt.config.yamlio import load_yaml
-        from evomerge_opt.merge.hessian import importance_from_recipe
+        from evomerge_opt.merge.sparsify.importance import importance_from_recipe
 
         raw = load_yaml(target)
         if not isinstance(raw, dict):

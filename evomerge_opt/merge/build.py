@@ -25,8 +25,8 @@ def build_ps_model(
     importance: ImportanceProvider | None = None,
 ) -> Any:
     """The merged ``PreTrainedModel`` of the parameter-space ``recipe`` (a YAML path, mapping or recipe)."""
-    from evomerge_opt.merge.hessian import importance_from_recipe
     from evomerge_opt.merge.resident import ResidentMerger
+    from evomerge_opt.merge.sparsify.importance import importance_from_recipe
 
     parsed = as_ps_recipe(recipe)
     if importance is None:

@@ -21,7 +21,6 @@ import contextlib
 import copy
 import logging
 import os
-import re
 import sqlite3
 import time
 import warnings
@@ -33,6 +32,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from evomerge_opt.config.names import STUDY_NAME_PATTERN
 from evomerge_opt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -43,13 +43,10 @@ DEFAULT_MAX_RETRY = 3
 STUDIES_DIR = "studies"
 SQLITE_BUSY_TIMEOUT_S = 60
 
-_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
 def _check_study_name(study_name: str) -> None:
-    if not isinstance(study_name, str) or not _STUDY_NAME.match(study_name):
+    if not isinstance(study_name, str) or not STUDY_NAME_PATTERN.match(study_name):
         raise ConfigError(
-            f"A study name must match {_STUDY_NAME.pattern!r} (letters, digits, '.', '_', '-'; no path "
+            f"A study name must match {STUDY_NAME_PATTERN.pattern!r} (letters, digits, '.', '_', '-'; no path "
             f"separators), but got {study_name!r}; choose another --study."
         )
 
