@@ -34,7 +34,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from evomerge_opt.fitness.data import TokenWindows
+    from evomerge_opt.data.windows import TokenWindows
     from evomerge_opt.fitness.perplexity import PerplexityEvaluator
     from evomerge_opt.zoo.random_models import SMOLLM2_135M, random_model
 

@@ -119,10 +119,10 @@ def test_apply_dare_linear_mistral_fp16(tiny_mistral_family, tmp_path):
 
 
 def test_python_api_merge_matches_apply(tiny_llama_family, tmp_path):
-    from evomerge_opt import merge
+    import evomerge_opt
 
     recipe = _recipe(tiny_llama_family, "task_arithmetic", parameters={"lambda": 0.7})
-    model = merge(recipe)
+    model = evomerge_opt.merge_recipe(recipe)
     out = stream_merge(recipe, tmp_path / "ta")
     state = model.state_dict()
     for name, tensor in _state(out).items():

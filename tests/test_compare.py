@@ -40,7 +40,7 @@ def test_compare_cli_end_to_end(tmp_path, tiny_llama_family, data_files, capsys)
     assert set(results) == {"ties_magnitude", "dare_random", "ties_sparsegpt", "dare_sparsegpt"}
     from transformers import AutoModelForCausalLM
 
-    from evomerge_opt.fitness.data import load_windows
+    from evomerge_opt.data.windows import load_windows
     from evomerge_opt.fitness.perplexity import PerplexityEvaluator
     from evomerge_opt.pool import load_tokenizer
 
@@ -130,8 +130,7 @@ def test_eval_cli_model_and_recipe(tmp_path, tiny_llama_family, data_files, caps
 
 
 def test_ties_sparsegpt_obs(tmp_path, tiny_llama_family, data_files):
-    from evomerge_opt.merge.hessian import collect_hessians, load_source_model
-    from evomerge_opt.merge.sparsegpt import obs_trim
+    from evomerge_opt.merge.sparsify.importance import collect_hessians, load_source_model, obs_trim
 
     calib, evals = data_files
     fam = tiny_llama_family

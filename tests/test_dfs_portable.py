@@ -200,8 +200,7 @@ def test_dfs_merge_from_seed_yaml(tmp_path, tiny_llama_family):
 
 
 def test_ps_plus_dfs_recipe(tmp_path, tiny_llama_family):
-    pytest.importorskip("evomerge_opt.merge.api")
-    from evomerge_opt.merge.api import merge
+    from evomerge_opt.api import merge_recipe
 
     base, ft0, ft1 = (str(tiny_llama_family[k]) for k in ("base", "ft0", "ft1"))
     ps = {"merge_method": "task_arithmetic", "base_model": base,
@@ -210,7 +209,7 @@ def test_ps_plus_dfs_recipe(tmp_path, tiny_llama_family):
     recipe = {"model_paths": [ps, [ft1, None]], "layer_mask": [[[True, False], [False, True]]],
               "scaling_factors": [[[1.0, None], [None, 0.9]]], "input_layer_model": 0, "output_layer_model": 0}
     model, _ = dfs_merge_from_config(recipe, device="cpu")
-    ps_model = merge(ps)
+    ps_model = merge_recipe(ps)
     expected = build_dfs_candidate([ps_model, AutoModelForCausalLM.from_pretrained(ft1, dtype=torch.float32)], recipe)
     ids = torch.randint(2, 128, (2, 10), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from evomerge_opt.data import records as records_mod
+from evomerge_opt.data import windows as windows_mod
+from evomerge_opt.data.spec import DataSpec, parse_data_arg
+from evomerge_opt.data.windows import load_windows
 from evomerge_opt.errors import ConfigError, ModelSourceError
-from evomerge_opt.fitness import data as data_mod
-from evomerge_opt.fitness.data import DataSpec, load_windows, parse_data_arg
 
 DOCS = ["the quick brown fox", "what is two plus three? the answer is five.", "the lazy dog"]
 
@@ -147,13 +149,13 @@ def test_more_bad_input(tmp_path, tiny_tokenizer):
 
 def test_windows_cache_reused_and_rebuilt(tmp_path, tiny_tokenizer, monkeypatch):
     calls = []
-    real = data_mod._load_dataset
+    real = records_mod.load_records
 
     def counting(spec, path):
         calls.append(path)
         return real(spec, path)
 
-    monkeypatch.setattr(data_mod, "_load_dataset", counting)
+    monkeypatch.setattr(records_mod, "load_records", counting)
     path = _jsonl(tmp_path / "d.jsonl", [{"text": d} for d in DOCS])
     cache = tmp_path / "cache"
     first = load_windows({"path": str(path)}, tiny_tokenizer, cache_dir=cache)
@@ -174,8 +176,8 @@ def test_tokenizer_fingerprint_changes_with_vocab(tiny_tokenizer):
 
     other = copy.deepcopy(tiny_tokenizer)
     other.add_tokens(["zebra"])
-    assert data_mod.tokenizer_fingerprint(other) != data_mod.tokenizer_fingerprint(tiny_tokenizer)
-    assert data_mod.tokenizer_fingerprint(copy.deepcopy(tiny_tokenizer)) == data_mod.tokenizer_fingerprint(tiny_tokenizer)
+    assert windows_mod.tokenizer_fingerprint(other) != windows_mod.tokenizer_fingerprint(tiny_tokenizer)
+    assert windows_mod.tokenizer_fingerprint(copy.deepcopy(tiny_tokenizer)) == windows_mod.tokenizer_fingerprint(tiny_tokenizer)
 
 
 def test_parse_data_arg():

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from evomerge_opt.data.windows import TokenWindows
 from evomerge_opt.errors import ConfigError
-from evomerge_opt.fitness.data import TokenWindows
 from evomerge_opt.fitness.perplexity import PerplexityEvaluator
 
 

@@ -9,18 +9,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from evomerge_opt.data.windows import TokenWindows
 from evomerge_opt.errors import ConfigError
-from evomerge_opt.fitness.data import TokenWindows
-from evomerge_opt.merge import hessian as hmod
-from evomerge_opt.merge.hessian import (
+from evomerge_opt.io import hashing
+from evomerge_opt.merge import task_vectors
+from evomerge_opt.merge.sparsify.importance import (
     HessianImportance,
     collect_hessians,
     column_scale_from_hessian,
-    compute_task_vector,
     decoder_linears,
     importance_from_recipe,
     importance_scores,
 )
+from evomerge_opt.merge.sparsify.importance import hessians as gathering
+from evomerge_opt.merge.task_vectors import compute_task_vector
 from evomerge_opt.zoo.random_models import TINY_LLAMA, TINY_MISTRAL, random_model
 
 
@@ -112,8 +114,8 @@ TEXTS = ["the quick brown fox jumps over the lazy dog", "what is two plus three?
 
 def test_importance_provider_and_caches(tmp_path, tiny_llama_family, tiny_tokenizer, monkeypatch):
     calls = []
-    real = hmod.compute_column_scales
-    monkeypatch.setattr(hmod, "compute_column_scales", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = gathering.compute_column_scales
+    monkeypatch.setattr(gathering, "compute_column_scales", lambda *a, **k: calls.append(1) or real(*a, **k))
     calib = _calib(tmp_path, TEXTS)
     refs = [str(tiny_llama_family["ft0"]), str(tiny_llama_family["ft1"])]
     cache = tmp_path / "cache" / "hessians"
@@ -208,7 +210,7 @@ def test_task_vector_cache(tmp_path, tiny_llama_family, monkeypatch):
     other = compute_task_vector(base, str(tiny_llama_family["ft1"]), cache_dir=tmp_path / "tv")
     assert other != path and not torch.equal(load_file(str(other))["lm_head.weight"], tv["lm_head.weight"])
     mtime = path.stat().st_mtime_ns
-    monkeypatch.setattr(hmod, "_checkpoint_files", lambda p: pytest.fail("recomputed a cached task vector"))
+    monkeypatch.setattr(task_vectors, "checkpoint_files", lambda p: pytest.fail("recomputed a cached task vector"))
     assert compute_task_vector(base, ft, cache_dir=tmp_path / "tv") == path and path.stat().st_mtime_ns == mtime
 
 
@@ -221,7 +223,7 @@ def test_wanda_criterion_from_the_same_cache(tmp_path, tiny_llama_family, tiny_t
     name = "model.layers.0.mlp.gate_proj.weight"
     from transformers import AutoModelForCausalLM
 
-    from evomerge_opt.merge.hessian import damped_hessian
+    from evomerge_opt.merge.sparsify.importance import damped_hessian
 
     model = AutoModelForCausalLM.from_pretrained(refs[0]).float()
     h = collect_hessians(model, sgpt.calibration_windows(0))[name]
@@ -235,7 +237,7 @@ def test_wanda_criterion_from_the_same_cache(tmp_path, tiny_llama_family, tiny_t
 def test_stored_hessians_feed_obs_trim(tmp_path, tiny_llama_family, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from evomerge_opt.merge.sparsegpt import obs_trim
+    from evomerge_opt.merge.sparsify.importance import obs_trim
 
     calib = _calib(tmp_path, TEXTS)
     ref = str(tiny_llama_family["ft1"])
@@ -279,4 +281,4 @@ def test_lora_adapter_source(tmp_path, tiny_llama_family, tiny_tokenizer):
                             num_samples=None, seq_len=16, cache_dir=tmp_path / "h", base_model=base)
     scale = imp.column_scale(0, "model.layers.1.self_attn.k_proj.weight")
     assert scale is not None and torch.isfinite(scale).all()
-    assert hmod.model_content_hash(str(adapter), base) != hmod.model_content_hash(base)
+    assert hashing.model_content_hash(str(adapter), base) != hashing.model_content_hash(base)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evomerge_opt.merge import methods, topk
-from evomerge_opt.merge.methods import ResidentInputs, ThresholdKeeper, magnitude_keeper
+from evomerge_opt.merge import topk
+from evomerge_opt.merge.methods import ResidentInputs
+from evomerge_opt.merge.methods import keepers as keepers_mod
+from evomerge_opt.merge.methods.keepers import ThresholdKeeper, magnitude_keeper
 from evomerge_opt.merge.resident import ResidentMerger
 
 
@@ -101,8 +103,8 @@ def test_sorted_threshold_matches_selection_with_ties(monkeypatch):
     monkeypatch.setattr(topk, "MIN_SAMPLE", 64)
     monkeypatch.setattr(topk, "BAND_MIN_NUMEL", 1024)
     band_calls = []
-    real_band = methods._threshold_by_band
-    monkeypatch.setattr(methods, "_threshold_by_band", lambda *a: band_calls.append(a) or real_band(*a))
+    real_band = keepers_mod._threshold_by_band
+    monkeypatch.setattr(keepers_mod, "_threshold_by_band", lambda *a: band_calls.append(a) or real_band(*a))
     big = magnitude_keeper(ResidentInputs(base, [signed]), 0, 0.4)
     fast = magnitude_keeper(Indexed(base, [signed]), 0, 0.4)
     assert (fast.threshold, fast.ties) == (big.threshold, big.ties)

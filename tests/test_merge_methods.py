@@ -12,11 +12,10 @@ from evomerge_opt.merge.methods import (
     ResidentInputs,
     StreamInputs,
     TensorParams,
-    _full_mask,
     get_method,
-    magnitude_keeper,
     merge_tensors,
 )
+from evomerge_opt.merge.methods.keepers import full_mask, magnitude_keeper
 from evomerge_opt.merge.sparsify import SPARSIFIERS
 
 B = torch.zeros(4)
@@ -144,7 +143,7 @@ def test_magnitude_keeper_equals_topk_mask_on_large_tensors(ties):
     base = torch.randn(n, generator=g)
     inputs = ResidentInputs(base, [delta])
     for density in (0.05, 0.3, 0.77):
-        mask = _full_mask(inputs, 0, magnitude_keeper(inputs, 0, density))
+        mask = full_mask(inputs, 0, magnitude_keeper(inputs, 0, density))
         expected = topk_mask(delta.abs(), density)
         assert int(mask.sum()) == round(density * n)
         assert torch.equal(mask, expected)

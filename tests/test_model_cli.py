@@ -420,7 +420,6 @@ def test_kick_test_fails_loudly_on_nan_weights(tmp_path, capsys, tiny_llama_fami
 
 
 def test_ps_recipe_source(tmp_path, capsys, tiny_llama_family):
-    pytest.importorskip("evomerge_opt.merge.api")
     recipe = tmp_path / "linear.yaml"
     save_yaml({"merge_method": "linear", "base_model": str(tiny_llama_family["base"]), "models": [
         {"model": str(tiny_llama_family["ft0"]), "parameters": {"weight": 0.5}},

@@ -16,19 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from evomerge_opt.config.recipe import BUILTIN_METHODS, load_recipe
+from evomerge_opt.config.names import METHOD_NAMES
+from evomerge_opt.config.recipe import load_recipe
 from evomerge_opt.config.yamlio import save_yaml
 from evomerge_opt.errors import ModelSourceError, NonFiniteResultError
 from evomerge_opt.io.checkpoint import CheckpointReader
 from evomerge_opt.merge import engine, prepass, topk
 from evomerge_opt.merge._base import topk_mask
 from evomerge_opt.merge.engine import stream_merge
-from evomerge_opt.merge.methods import (
-    METHODS,
-    StreamInputs,
-    ThresholdKeeper,
-    magnitude_keeper,
-)
+from evomerge_opt.merge.methods import METHODS, StreamInputs
+from evomerge_opt.merge.methods.keepers import ThresholdKeeper, magnitude_keeper
 
 # Large enough that the MLP weights (256 x 640) and embeddings (600 x 256) take the sampled-band path.
 MEDIUM = {"vocab_size": 600, "hidden_size": 256, "intermediate_size": 640, "num_hidden_layers": 2,
@@ -175,7 +172,7 @@ def test_mapped_tensors_equal_read_ones_and_truncation_is_an_error(family, tmp_p
 
 
 def test_torch_free_tables_match_the_registry():
-    assert set(BUILTIN_METHODS) <= set(METHODS.names())
+    assert set(METHOD_NAMES) <= set(METHODS.names())
     magnitude = {name for name in METHODS.names() if METHODS.get(name).default_sparsify == "magnitude"}
     assert prepass.MAGNITUDE_BY_DEFAULT == magnitude
 

@@ -2,17 +2,20 @@
 again, and the study ends with exactly the requested trials: nothing lost, nothing duplicated, the killed
 trial failed (heartbeat gone stale) and retried with the same parameters.
 
-Trials are made slow enough to be caught RUNNING by a fitness dataset of a few hundred thousand tokens
-(no test-only hook in the product); the heartbeat is tuned through the product's own environment
-settings (EVOMERGE_HEARTBEAT_INTERVAL / EVOMERGE_GRACE_PERIOD) so the restart need not wait 30 s.
+The kill lands inside a trial without depending on how long a trial takes: once a trial is RUNNING
+with its whole genome suggested, the process is frozen (SIGSTOP) and the study re-read; if that trial
+is still RUNNING the frozen process is killed there, otherwise (it finished in between) it is resumed
+(SIGCONT) and the watch goes on. No test-only hook in the product; the heartbeat is tuned through the
+product's own environment settings (EVOMERGE_HEARTBEAT_INTERVAL / EVOMERGE_GRACE_PERIOD) so the
+restart need not wait 30 s.
 """
 
 from __future__ import annotations
 
 import signal
 import subprocess
+import time
 import uuid
-from datetime import datetime, timedelta
 
 import optuna
 import pytest
@@ -23,7 +26,6 @@ from _search_harness import (
     start,
     subprocess_env,
     tail,
-    wait_for,
     write_space,
 )
 from optuna.trial import TrialState
@@ -46,23 +48,8 @@ def test_search_resumes_after_kill_9_without_losing_or_duplicating_trials(tmp_pa
     log = tmp_path / "first.log"
     first = start(cmd, tmp_path, env, log)
     try:
-
-        def two_done_one_running() -> list:
-            trials = read_trials(url, study)
-            done = [t for t in trials if t.state == TrialState.COMPLETE]
-            # a trial that started < 0.5 s ago: the kill lands well inside it, not between two trials
-            now = datetime.now()
-            running = [
-                t
-                for t in trials
-                if t.state == TrialState.RUNNING
-                and t.params
-                and now - t.datetime_start < timedelta(seconds=0.5)
-            ]
-            return trials if len(done) >= 2 and running else []
-
-        before = wait_for(two_done_one_running, first, 240, "2 completed trials and 1 running", log)
-        first.send_signal(signal.SIGKILL)
+        before = _stop_inside_a_trial(first, url, study, log)
+        first.send_signal(signal.SIGKILL)  # frozen inside the trial: the kill lands there
         first.wait(timeout=30)
     finally:
         if first.poll() is None:
@@ -97,3 +84,42 @@ def test_search_resumes_after_kill_9_without_losing_or_duplicating_trials(tmp_pa
     assert [t.state for t in trials].count(TrialState.FAIL) == 1
     for t in finished:
         assert "recipe" in t.user_attrs and "genome" in t.user_attrs
+
+
+def _inside_a_trial(trials: list, n_genome: int | None) -> bool:
+    """At least two trials done and one RUNNING with every genome coordinate already suggested."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    return len(done) >= 2 and n_genome is not None and any(
+        t.state == TrialState.RUNNING and len(t.params) == n_genome for t in trials
+    )
+
+
+def _genome_size(url: str, study: str) -> int | None:
+    from evomerge_opt.search.storage import make_storage
+
+    storage = make_storage(url, heartbeat_interval=None)
+    try:
+        names = optuna.load_study(study_name=study, storage=storage).user_attrs.get("genome_names")
+        return len(names) if names else None
+    finally:
+        storage.engine.dispose()
+
+
+def _stop_inside_a_trial(proc: subprocess.Popen, url: str, study: str, log, timeout: float = 240) -> list:
+    """Freeze ``proc`` (SIGSTOP) at a moment the study shows it inside a trial; return the trials then."""
+    deadline = time.monotonic() + timeout
+    n_genome = None
+    while time.monotonic() < deadline:
+        trials = read_trials(url, study)
+        if trials and n_genome is None:
+            n_genome = _genome_size(url, study)
+        if _inside_a_trial(trials, n_genome):
+            proc.send_signal(signal.SIGSTOP)
+            frozen = read_trials(url, study)  # nothing changes now: this is what the kill will see
+            if _inside_a_trial(frozen, n_genome):
+                return frozen
+            proc.send_signal(signal.SIGCONT)  # the trial ended in between: watch the next one
+        if proc.poll() is not None:
+            raise AssertionError(f"search exited ({proc.returncode}) before a trial could be caught:\n{tail(log)}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting to catch a running trial:\n{tail(log)}")

@@ -13,7 +13,8 @@ from optuna.trial import TrialState
 from evomerge_opt.cli.main import main
 from evomerge_opt.config.yamlio import load_yaml, save_yaml
 from evomerge_opt.errors import NonFiniteResultError
-from evomerge_opt.search.objective import CandidateBuilder, failure_reason
+from evomerge_opt.search.candidates import CandidateBuilder
+from evomerge_opt.search.objective import failure_reason
 from evomerge_opt.search.runner import SearchRunner
 
 BASELINES = ["source:_pretrained_", "source:a", "source:b", "ties_0.5", "dare_ties_0.5"]
@@ -177,7 +178,7 @@ def test_best_recipe_applies_and_reproduces_the_fitness(tiny_llama_family, data,
     path = tmp_path / "recipes" / "best_app.yaml"
     out = tmp_path / "merged"
     assert main(["apply", str(path), "--out", str(out)]) == 0
-    from evomerge_opt.fitness.data import load_windows
+    from evomerge_opt.data.windows import load_windows
     from evomerge_opt.fitness.perplexity import PerplexityEvaluator
     from evomerge_opt.pool import load_causal_lm, load_tokenizer
 
@@ -216,7 +217,7 @@ def test_cli_search_resume_and_worker(tiny_llama_family, data, tmp_path, monkeyp
 def test_budget_is_exact_when_workers_race_for_the_last_slot():
     """Two workers that both saw one free slot each enqueued a token: the one ranked beyond the budget
     gives its token back (marked surplus) and stops; the study ends with exactly the budget."""
-    from evomerge_opt.search.runner import (
+    from evomerge_opt.search.budget import (
         BUDGET_ATTR,
         SURPLUS_ATTR,
         TOKEN_ATTR,

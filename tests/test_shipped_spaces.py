@@ -36,14 +36,28 @@ def test_shipped_space_validates_and_decodes(path):
         assert ref.startswith("zoo:"), "shipped spaces run on the pico zoo as they are"
 
 
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory) -> Path:
+    """The zoo's ``small`` preset (seconds): the same layout as the default zoo, smaller models."""
+    from evomerge_opt.zoo.build import build_zoo
+    from evomerge_opt.zoo.settings import preset
+
+    return build_zoo(preset("small"), root=tmp_path_factory.mktemp("zoo") / "zoo", progress=False)
+
+
+def test_the_default_zoo_has_the_layers_the_decode_checks_assume():
+    from evomerge_opt.zoo.settings import ZooSettings
+
+    assert ZooSettings().model.num_hidden_layers == PICO_LAYERS
+
+
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
-def test_shipped_space_sources_exist_when_the_zoo_is_built(path):
-    from evomerge_opt.paths import zoo_root
-
-    if not (zoo_root() / "base").is_dir():
-        pytest.skip(f"pico zoo not built at {zoo_root()} (set EVOMERGE_ZOO to check the sources)")
-    space = load_space(path)
-    space.check_sources()
+def test_shipped_space_sources_exist_in_a_built_zoo(path, small_zoo, monkeypatch):
+    """Every `zoo:` model, tokenizer and dataset a shipped space names is produced by a zoo build."""
     from evomerge_opt.search.runner import _num_layers
+    from evomerge_opt.zoo.settings import preset
 
-    assert _num_layers(space) == PICO_LAYERS
+    monkeypatch.setenv("EVOMERGE_ZOO", str(small_zoo))
+    space = load_space(path)
+    space.check_sources()  # raises ConfigError naming every missing model, tokenizer or data file
+    assert _num_layers(space) == preset("small").model.num_hidden_layers  # read from the zoo's model

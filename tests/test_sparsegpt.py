@@ -27,21 +27,44 @@ def test_registered_lazily():
     assert "sparsegpt" in SPARSIFIERS and sparsifier.name == "sparsegpt"
 
 
-def test_mask_keeps_top_k_by_d2_over_diag_u2():
+def test_column_scale_of_a_hand_computed_3x3_hessian():
+    """diag(U)^2 with U = chol(H^-1) upper is, column by column, the first diagonal entry of the inverse
+    of H's trailing block: [H^-1]_11, [(H[1:,1:])^-1]_11, 1/H_33. Worked by hand for
+    H = [[4,2,0],[2,5,1],[0,1,3]] (det 44): 14/44, 3/14 (det of [[5,1],[1,3]] is 14), 1/3."""
+    from evomerge_opt.merge.sparsify.importance import column_scale_from_hessian
+
+    h = torch.tensor([[4.0, 2.0, 0.0], [2.0, 5.0, 1.0], [0.0, 1.0, 3.0]])
+    scale = column_scale_from_hessian(h, damp=0.0)
+    assert torch.allclose(scale, torch.tensor([7 / 22, 3 / 14, 1 / 3]), rtol=1e-5)
+    # damping adds damp * mean(diag H) = 0.1 * 4 to the diagonal: the last column's scale is 1 / 3.4
+    assert float(column_scale_from_hessian(h, damp=0.1)[2]) == pytest.approx(1 / 3.4, rel=1e-5)
+
+
+def test_with_a_diagonal_hessian_importance_is_d2_times_the_input_energy():
+    """H = diag(e) (uncorrelated inputs with energies e_j): U = diag(1/sqrt(e)), so the score of entry
+    (i, j) is d_ij^2 * e_j. The sparsegpt mask must be the top-k of that, and scaling one input's
+    energy scales its column's scores: a strongly excited input keeps more of its column."""
+    from evomerge_opt.merge.sparsify.importance import column_scale_from_hessian
+
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(8, 5, generator=g)
-    scale = torch.tensor([1.0, 0.01, 4.0, 0.5, 2.0])
+    energy = torch.tensor([1.0, 100.0, 0.25, 2.0, 0.5])
+    scale = column_scale_from_hessian(torch.diag(energy), damp=0.0)
+    assert torch.allclose(scale, 1 / energy, rtol=1e-5)
+    sparsifier = get_sparsifier("sparsegpt")
     imp = FixedImportance({(1, "w"): scale})
-    mask = get_sparsifier("sparsegpt").mask(delta, 0.25, TensorContext(name="w", source_index=1, importance=imp))
-    assert imp.calls == [(1, "w")]
+    mask = sparsifier.mask(delta, 0.25, TensorContext(name="w", source_index=1, importance=imp))
+    assert imp.calls == [(1, "w")]  # looked up for the source and tensor being merged
     assert int(mask.sum()) == 10  # round(0.25 * 40)
-    scores = delta ** 2 / scale[None, :]
-    assert torch.equal(mask, topk_mask(scores, 0.25))
-    kept_min = scores[mask].min()
-    assert bool((scores[~mask] <= kept_min).all())
-    # The column with tiny diag(U)^2 (strongly excited input) is favoured over magnitude's choice.
-    assert not torch.equal(mask, topk_mask(delta.abs(), 0.25))
-    assert mask[:, 1].sum() > topk_mask(delta.abs(), 0.25)[:, 1].sum()
+    by_energy = (delta.abs() * energy.sqrt()).reshape(-1)  # |d| sqrt(e): same order as d^2 e
+    kept = set(by_energy.argsort(descending=True)[:10].tolist())
+    assert set(mask.reshape(-1).nonzero().squeeze(1).tolist()) == kept
+    magnitude = topk_mask(delta.abs(), 0.25)
+    assert mask[:, 1].sum() > magnitude[:, 1].sum()  # the excited input wins entries from the others
+    # A uniform scale of H (more calibration tokens of the same kind) changes no decision.
+    uniform = FixedImportance({(1, "w"): column_scale_from_hessian(torch.diag(energy) * 7.0, damp=0.0)})
+    assert torch.equal(sparsifier.mask(delta, 0.25, TensorContext(name="w", source_index=1, importance=uniform)),
+                       mask)
 
 
 def test_fallbacks_and_errors():
@@ -59,8 +82,8 @@ def test_fallbacks_and_errors():
 
 def test_ties_sparsegpt_merge_end_to_end(tmp_path, tiny_llama_family, tiny_tokenizer):
     """A TIES recipe with `sparsify: sparsegpt` merges, differs from magnitude, and has no NaN/missing tensor."""
-    from evomerge_opt.merge.api import merge
-    from evomerge_opt.merge.hessian import HessianImportance
+    from evomerge_opt.api import merge_recipe
+    from evomerge_opt.merge.sparsify.importance import HessianImportance
 
     calib = tmp_path / "calib.jsonl"
     calib.write_text("\n".join(json.dumps({"text": t}) for t in
@@ -73,10 +96,10 @@ def test_ties_sparsegpt_merge_end_to_end(tmp_path, tiny_llama_family, tiny_token
     imp = HessianImportance([str(fam["ft0"]), str(fam["ft1"])], [{"path": str(calib)}], tiny_tokenizer,
                             seq_len=32, cache_dir=tmp_path / "h")
     with pytest.raises(ConfigError, match="sparsegpt"):
-        merge(recipe)
-    sgpt = merge(recipe, importance=imp).state_dict()
+        merge_recipe(recipe)
+    sgpt = merge_recipe(recipe, importance=imp).state_dict()
     recipe["parameters"]["sparsify"] = "magnitude"
-    mag = merge(recipe).state_dict()
+    mag = merge_recipe(recipe).state_dict()
     assert set(sgpt) == set(mag)
     for name, tensor in sgpt.items():
         assert torch.isfinite(tensor).all(), name
@@ -86,7 +109,7 @@ def test_ties_sparsegpt_merge_end_to_end(tmp_path, tiny_llama_family, tiny_token
 
 
 def test_obs_trim_compensates_the_output_error():
-    from evomerge_opt.merge.sparsegpt import obs_trim
+    from evomerge_opt.merge.sparsify.importance import obs_trim
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(200, 16, generator=g) @ torch.randn(16, 16, generator=g)  # correlated inputs
@@ -105,13 +128,13 @@ def test_obs_trim_compensates_the_output_error():
 
 
 def test_recipe_calibration_drives_apply_and_merge(tmp_path, tiny_llama_family):
-    """`calibration:` in a recipe is all `evo-merge apply` and `merge()` need for `sparsify: sparsegpt`;
+    """`calibration:` in a recipe is all `evo-merge apply` and `merge_recipe()` need for `sparsify: sparsegpt`;
     both paths give the same tensors, and they differ from magnitude trimming."""
     from safetensors.torch import load_file
 
+    from evomerge_opt.api import merge_recipe
     from evomerge_opt.cli.main import main
     from evomerge_opt.config.yamlio import save_yaml
-    from evomerge_opt.merge.api import merge
 
     calib = tmp_path / "calib.jsonl"
     calib.write_text("\n".join(json.dumps({"text": t}) for t in
@@ -127,10 +150,10 @@ def test_recipe_calibration_drives_apply_and_merge(tmp_path, tiny_llama_family):
     applied = {}
     for shard in (tmp_path / "out").glob("*.safetensors"):
         applied.update(load_file(shard))
-    in_memory = merge(recipe).state_dict()
+    in_memory = merge_recipe(recipe).state_dict()
     q = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(applied[q], in_memory[q])
     recipe["parameters"]["sparsify"] = "magnitude"
-    assert not torch.equal(merge(recipe).state_dict()[q], applied[q])
+    assert not torch.equal(merge_recipe(recipe).state_dict()[q], applied[q])
     for name, tensor in applied.items():
         assert torch.isfinite(tensor).all(), name

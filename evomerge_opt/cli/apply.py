@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import gc
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 # When run() returns, the output directory is complete and renamed into place and no thread or file
 # is left open, so the console script may skip interpreter teardown (see cli.main.console).
@@ -24,28 +22,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from evomerge_opt.api import apply_recipe
     from evomerge_opt.config.recipe import PSRecipe, load_recipe
 
     started = time.perf_counter()
     recipe = load_recipe(args.recipe)
+    ahead = None
     if isinstance(recipe, PSRecipe):
         from evomerge_opt.merge import prepass  # numpy only: forks before torch is imported
 
         ahead = prepass.start(recipe) if args.device == "cpu" else None
-        stream_merge = _import_stream_merge()  # imports torch while the pre-pass runs
-
-        out = stream_merge(
-            recipe, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
-            max_shard_size=args.max_shard_size, progress=not args.no_progress,
-            known_topk=ahead.result() if ahead is not None else None,
-        )
+        _import_merge_engine()  # imports torch while the pre-pass runs
         kind = f"{recipe.merge_method} merge of {len(recipe.models)} model(s)"
     else:
-        from evomerge_opt.dfs.api import apply_dfs_recipe
-
-        out = apply_dfs_recipe(recipe, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite)
         kind = "data-flow-space merge"
-    out = Path(out)
+    out = apply_recipe(
+        recipe, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size, progress=not args.no_progress,
+        known_topk=ahead.result() if ahead is not None else None,
+    )
     weights = sorted(out.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in weights)
     print(f"Wrote {out} ({kind}; {len(weights)} safetensors file(s), {size / 1e6:.1f} MB) "
@@ -53,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_stream_merge() -> Callable[..., Path]:
+def _import_merge_engine() -> None:
     """Import the merge engine (and torch) without garbage collection, then freeze what it loaded.
 
     Importing torch allocates about a million objects, none of them garbage, and the collector
@@ -62,8 +57,7 @@ def _import_stream_merge() -> Callable[..., Path]:
     """
     gc.disable()
     try:
-        from evomerge_opt.merge.engine import stream_merge
+        import evomerge_opt.merge.engine  # noqa: F401
     finally:
         gc.enable()
     gc.freeze()
-    return stream_merge

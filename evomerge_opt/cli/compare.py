@@ -58,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from evomerge_opt.data.spec import parse_data_arg
     from evomerge_opt.fitness.compare import MergeComparison, format_table
-    from evomerge_opt.fitness.data import parse_data_arg
 
     if args.threads:
         import torch

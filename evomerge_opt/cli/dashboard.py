@@ -31,14 +31,15 @@ def run(args: argparse.Namespace) -> int:
     from optuna_dashboard import run_server
 
     from evomerge_opt.errors import ConfigError
+    from evomerge_opt.search import _optuna_compat as compat
     from evomerge_opt.search.storage import load_study, rdb_backend
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"`0 < --port < 65536` must hold, but got --port {args.port}.")
     # The dashboard only reads and annotates trials: no heartbeat thread, no retry callback needed here.
     study = load_study(args.study, args.storage, heartbeat_interval=None)
-    storage = rdb_backend(study._storage) or study._storage
-    study_id = study._study_id
+    storage = rdb_backend(compat.study_storage(study)) or compat.study_storage(study)
+    study_id = storage.get_study_id_from_name(study.study_name)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
     print(
         f"optuna-dashboard for study {args.study!r}: http://{host}:{args.port}/dashboard/studies/{study_id}",

@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from evomerge_opt.data.spec import parse_data_arg
     from evomerge_opt.errors import ConfigError
     from evomerge_opt.fitness.compare import default_device
-    from evomerge_opt.fitness.data import parse_data_arg
     from evomerge_opt.fitness.perplexity import PerplexityEvaluator
     from evomerge_opt.io.atomic import atomic_write_text
     from evomerge_opt.pool import load_causal_lm, load_tokenizer
@@ -63,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     target = Path(args.target)
     if target.suffix.lower() in (".yml", ".yaml"):
+        from evomerge_opt.api import merge_recipe
         from evomerge_opt.config.yamlio import load_yaml
-        from evomerge_opt.merge.api import merge
-        from evomerge_opt.merge.hessian import importance_from_recipe
+        from evomerge_opt.merge.sparsify.importance import importance_from_recipe
 
         raw = load_yaml(target)
         if not isinstance(raw, dict):
@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
             importance = importance_from_recipe(raw, device=device, calibration=calibration)
             raw = {k: v for k, v in raw.items() if k != "calibration"}
         tokenizer = load_tokenizer(args.tokenizer or _recipe_tokenizer_ref(raw))
-        model = merge(raw if "merge_method" in raw else target, device=device, dtype=args.dtype,
-                      importance=importance)
+        model = merge_recipe(raw if "merge_method" in raw else target, device=device, dtype=args.dtype,
+                             importance=importance)
     else:
         tokenizer = load_tokenizer(args.tokenizer or args.target)
         model = load_causal_lm(args.target, dtype=args.dtype, device=device)

@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("evomerge_opt.cli.export", "Write any trial's recipe (evo-merge or mergekit format)."),
     "dashboard": ("evomerge_opt.cli.dashboard", "Start optuna-dashboard on a study's storage."),
     "report": ("evomerge_opt.cli.report", "Write PNG plots of a study."),
-    "model": ("evomerge_opt.cli.model", "Construct or kick-test a model (seed 002)."),
+    "model": ("evomerge_opt.cli.model", "Construct or kick-test a model (build, save, a few training steps)."),
     "zoo": ("evomerge_opt.cli.zoo", "Build the pico model zoo used by the demo and tests."),
 }
 

@@ -1,4 +1,4 @@
-"""``evo-merge model [options] construct|test``: build, inspect, save and kick-test a model (seed 002).
+"""``evo-merge model [options] construct|test``: build, inspect, save and kick-test a model.
 
 Examples::
 
@@ -48,7 +48,8 @@ def _model_options(parser: argparse.ArgumentParser | Any, suppress: bool) -> Non
     parser.add_argument("--save-checkpoint", action="store_true", default=default(False),
                         help="Save the weights into the output directory (needs a real --device)")
     parser.add_argument("--safetensors", action="store_true", default=default(False),
-                        help="Save using safetensors (the only format transformers 5 writes; always on)")
+                        help="Accepted for compatibility and does nothing: weights are always saved as safetensors "
+                             "(the only format transformers 5 writes)")
     parser.add_argument("-o", "--output-file", metavar="FILE", default=default(None),
                         help="Write the report to FILE instead of stdout")
     parser.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default=default(None),
@@ -65,7 +66,8 @@ def _model_options(parser: argparse.ArgumentParser | Any, suppress: bool) -> Non
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from evomerge_opt.modeltools.options import add_size_arguments
 
-    parser.description = "Construct or kick-test a model definition (seed 002)."
+    parser.description = ("Construct or kick-test a model definition: build it from a config, a model dir or a "
+                          "recipe, save it, and check that a few training steps run.")
     parser.epilog = __doc__.split("Examples::", 1)[1]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     source = parser.add_argument_group("model source (exactly one)")
@@ -256,8 +258,9 @@ def _test(args: argparse.Namespace, source: Any, options: Any, output_dir: Path 
 
 
 def _dataset_batches(args: argparse.Namespace, tokenizer: Any, vocab: int, window_batches: Any) -> tuple[Any, str]:
+    from evomerge_opt.data.spec import DataSpec
+    from evomerge_opt.data.windows import load_windows
     from evomerge_opt.errors import ConfigError
-    from evomerge_opt.fitness.data import DataSpec, load_windows
 
     if tokenizer is None:
         raise ConfigError(

@@ -1,4 +1,4 @@
-"""Data-flow-space (DFS) merge recipes in the seed-003 format.
+"""Data-flow-space (DFS) merge recipes in the reference implementation's format.
 
 A recipe::
 
@@ -115,7 +115,7 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 class DFSRecipe(BaseModel):
-    """A data-flow-space merge recipe (seed-003 keys; see the module docstring)."""
+    """A data-flow-space merge recipe (the reference DFS keys; see the module docstring)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -326,7 +326,7 @@ class DFSRecipe(BaseModel):
 def parse_dfs_recipe(data: Any, source: str = "recipe", source_dir: Path | None = None) -> DFSRecipe:
     """Schema + structural checks of a DFS recipe mapping; every problem reported at once (ConfigError)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a DFS recipe must be a mapping of the seed-003 keys, but got {_short(data)}.")
+        raise ConfigError(f"{source}: a DFS recipe must be a mapping of the DFS recipe keys (model_paths, layer_mask, ...), but got {_short(data)}.")
     try:
         recipe = DFSRecipe.model_validate(data)
     except ValidationError as exc:

@@ -48,12 +48,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from evomerge_opt.config.names import METHOD_NAMES, RESCALES, SPARSIFIER_NAMES
 from evomerge_opt.errors import ConfigError, validation_problems
 
 SOURCE_KEYS = {"weight", "density"}
 GLOBAL_KEYS = {"normalize", "lambda", "rescale", "sparsify", "weight", "density", "int8_mask"}
-RESCALES = ("inverse_density", "l1", "none")
-SPARSIFY_NAMES = ("magnitude", "random", "sparsegpt")
 NUMERIC_KEYS = {"weight", "density", "lambda"}
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -86,7 +85,7 @@ class PSRecipe(BaseModel):
     name: str | None = None
     provenance: dict[str, Any] | None = None
     # Calibration data for `sparsify: sparsegpt`: a list of dataset specs, or {datasets: [...],
-    # num_samples, seq_len, batch_size, per_source, damp, criterion} (see merge/hessian.py).
+    # num_samples, seq_len, batch_size, per_source, damp, criterion} (see merge/sparsify/importance/provider.py).
     calibration: list[Any] | dict[str, Any] | None = None
 
     _source_dir: Path | None = PrivateAttr(default=None)
@@ -154,7 +153,7 @@ class PSRecipe(BaseModel):
         if not is_method(self.merge_method):
             problems.append(
                 f"merge_method: unknown merge method {self.merge_method!r}; valid merge methods are: "
-                f"{', '.join(_method_names())}."
+                f"{', '.join(METHOD_NAMES)}."
             )
         if not self.models:
             problems.append("models: at least one source model is required.")
@@ -175,8 +174,8 @@ class PSRecipe(BaseModel):
                 if value not in RESCALES:
                     problems.append(f"{where}: must be one of {', '.join(RESCALES)}, but got {value!r}.")
             elif key == "sparsify":
-                if value not in SPARSIFY_NAMES:
-                    problems.append(f"{where}: unknown sparsifier {value!r}; valid sparsifiers are: {', '.join(SPARSIFY_NAMES)}.")
+                if value not in SPARSIFIER_NAMES:
+                    problems.append(f"{where}: unknown sparsifier {value!r}; valid sparsifiers are: {', '.join(SPARSIFIER_NAMES)}.")
             else:
                 problems.extend(check_param_value(key, value, where))
         for index, entry in enumerate(self.models):
@@ -234,20 +233,9 @@ class PSRecipe(BaseModel):
         return self
 
 
-# The merge methods merge.methods registers (a test keeps the two in step): validating a recipe that
-# uses one needs no torch import, so `evo-merge apply` can start work before torch has loaded.
-BUILTIN_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
-
-
-def _method_names() -> list[str]:
-    from evomerge_opt.merge.methods import METHODS
-
-    return METHODS.names()
-
-
 def is_method(name: str) -> bool:
-    """Whether ``name`` is a registered merge method (plug-in names import the registry)."""
-    return name in BUILTIN_METHODS or name in _method_names()
+    """Whether ``name`` is a merge method (:data:`~evomerge_opt.config.names.METHOD_NAMES`, no torch import)."""
+    return name in METHOD_NAMES
 
 
 def check_param_value(key: str, value: Any, where: str) -> list[str]:

@@ -55,10 +55,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from evomerge_opt.config.names import (
+    METHOD_NAMES,
+    PRUNER_NAMES,
+    RESCALES,
+    SAMPLER_NAMES,
+    SPARSIFIER_NAMES,
+    STUDY_NAME_PATTERN,
+)
 from evomerge_opt.errors import ConfigError, validation_problems
 
 KINDS = ("ps", "dfs", "ps+dfs")
-PRUNERS = ("median", "wilcoxon", "threshold", "percentile", "none")
 PS_SOURCE = "ps"
 PRETRAINED = "_pretrained_"
 
@@ -237,7 +244,7 @@ class SearchSpace(BaseModel):
         return value if isinstance(value, int) else self.dfs.sources.index(value)
 
     def dataset_names(self) -> list[str]:
-        from evomerge_opt.fitness.data import DataSpec
+        from evomerge_opt.data.spec import DataSpec
 
         return [DataSpec.parse(d).name or f"data{i}" for i, d in enumerate(self.fitness.datasets)]
 
@@ -252,8 +259,6 @@ class SearchSpace(BaseModel):
     def problems(self) -> list[str]:
         """Every cross-field rule this space breaks (the schema itself is checked by pydantic)."""
         from evomerge_opt.config.dtypes import DTYPE_ALIASES as DTYPES
-        from evomerge_opt.config.recipe import RESCALES, SPARSIFY_NAMES, _method_names
-        from evomerge_opt.search.samplers import SAMPLERS
 
         out: list[str] = []
         pool = self.pool.models
@@ -274,7 +279,7 @@ class SearchSpace(BaseModel):
 
         if self.ps is not None and self.has_ps:
             ps = self.ps
-            methods = _method_names()
+            methods = METHOD_NAMES
             if not ps.methods:
                 out.append("ps.methods: at least one merge method is required.")
             for name in ps.methods:
@@ -288,8 +293,8 @@ class SearchSpace(BaseModel):
                     f"pool.models: methods {ps.methods} need a base model; name it `{PRETRAINED}` in pool.models."
                 )
             for name in ps.sparsify or []:
-                if name not in SPARSIFY_NAMES:
-                    out.append(f"ps.sparsify: unknown sparsifier {name!r}; valid sparsifiers are: {', '.join(SPARSIFY_NAMES)}.")
+                if name not in SPARSIFIER_NAMES:
+                    out.append(f"ps.sparsify: unknown sparsifier {name!r}; valid sparsifiers are: {', '.join(SPARSIFIER_NAMES)}.")
             if ps.sparsify is not None and not ps.sparsify:
                 out.append("ps.sparsify: give at least one sparsifier, or omit the key for the method default.")
             if ps.rescale is not None and ps.rescale not in RESCALES:
@@ -346,7 +351,7 @@ class SearchSpace(BaseModel):
         names = []
         for i, data in enumerate(self.fitness.datasets):
             try:
-                from evomerge_opt.fitness.data import DataSpec
+                from evomerge_opt.data.spec import DataSpec
 
                 names.append(DataSpec.parse(data).name)
             except ConfigError as exc:
@@ -356,30 +361,27 @@ class SearchSpace(BaseModel):
             out.append(f"fitness.datasets: names must be unique, but {duplicates} repeat; set `name:`.")
 
         multi = self.fitness.multi_objective
-        if self.sampler.name not in SAMPLERS:
-            out.append(f"sampler.name: unknown sampler {self.sampler.name!r}; valid samplers are: {', '.join(SAMPLERS.names())}.")
+        if self.sampler.name not in SAMPLER_NAMES:
+            out.append(f"sampler.name: unknown sampler {self.sampler.name!r}; valid samplers are: {', '.join(SAMPLER_NAMES)}.")
         elif multi and self.sampler.name in ("cmaes", "pycma"):
             out.append(
                 f"sampler.name: {self.sampler.name!r} optimises one objective, but fitness.multi_objective is "
                 "true; use nsgaii (default for several objectives), tpe or random."
             )
-        if self.pruner.name not in PRUNERS:
-            out.append(f"pruner.name: unknown pruner {self.pruner.name!r}; valid pruners are: {', '.join(PRUNERS)}.")
+        if self.pruner.name not in PRUNER_NAMES:
+            out.append(f"pruner.name: unknown pruner {self.pruner.name!r}; valid pruners are: {', '.join(PRUNER_NAMES)}.")
         if multi and self.pruner.name != "none":
             out.append("pruner.name: Optuna cannot prune multi-objective trials; use pruner {name: none}.")
         if self.pruner.name == "threshold" and self.pruner.upper is None:
             out.append("pruner.upper: the threshold pruner needs `upper` (a running perplexity above it is pruned).")
-        if self.study is not None:
-            from evomerge_opt.search.storage import _STUDY_NAME
-
-            if not _STUDY_NAME.match(self.study):
-                out.append(f"study: must match {_STUDY_NAME.pattern!r}, but got {self.study!r}.")
+        if self.study is not None and not STUDY_NAME_PATTERN.match(self.study):
+            out.append(f"study: must match {STUDY_NAME_PATTERN.pattern!r}, but got {self.study!r}.")
         return out
 
     def check_sources(self) -> None:
         """Every pool reference, tokenizer and data file must exist (cheap; no model is loaded)."""
+        from evomerge_opt.data.spec import DataSpec
         from evomerge_opt.errors import ModelSourceError
-        from evomerge_opt.fitness.data import DataSpec
         from evomerge_opt.io.sources import resolve_model_ref
 
         problems = []

@@ -42,10 +42,10 @@ def _load_source(
     """``(model, tokenizer reference)`` of one ``model_paths`` entry."""
     if source.ps_recipe is not None:
         from evomerge_opt.config.recipe import parse_ps_recipe
-        from evomerge_opt.merge.api import merge
+        from evomerge_opt.merge.build import build_ps_model
 
         ps = parse_ps_recipe(source.ps_recipe, "model_paths entry (inline parameter-space recipe)", recipe._source_dir)
-        model = merge(ps, device=device, dtype=dtype)
+        model = build_ps_model(ps, device=device, dtype=dtype)
         tokenizer_ref = ps.tokenizer_source if ps.tokenizer_source not in (None, "base") else (
             ps.base_model or ps.models[0].model
         )

@@ -13,13 +13,13 @@ key                  merge method    trimming
 ===================  ==============  =========================================================
 
 On request, ``ties_sparsegpt_obs``: TIES whose decoder Linear task vectors are trimmed by SparseGPT
-*with* its error-compensating OBS update (:func:`~evomerge_opt.merge.sparsegpt.obs_trim`; kept
+*with* its error-compensating OBS update (:func:`~evomerge_opt.merge.sparsify.importance.obs_trim`; kept
 entries change, so no recipe expresses it; other tensors as ``ties_magnitude``).
 
 Every source gets weight 1 and the same density; TIES and DARE normalise by the total weight (a mean
 of the kept updates). The models are built with the merge engine's
 :class:`~evomerge_opt.merge.resident.ResidentMerger` (base and task vectors loaded once); SparseGPT
-importance comes from :class:`~evomerge_opt.merge.hessian.HessianImportance` (Hessians of each
+importance comes from :class:`~evomerge_opt.merge.sparsify.importance.HessianImportance` (Hessians of each
 fine-tune on the calibration data, cached by content). Results go to
 ``<output_dir>/comparison_results.json``; models to ``<output_dir>/<key>/`` (HF directories with
 the tokenizer and the recipe that built them).
@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
+from evomerge_opt.data.spec import DataSpec
+from evomerge_opt.data.windows import TokenWindows, load_windows
 from evomerge_opt.errors import ConfigError
-from evomerge_opt.fitness.data import DataSpec, TokenWindows, load_windows
 from evomerge_opt.fitness.perplexity import FitnessResult, PerplexityEvaluator
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class MergeComparison:
     def importance(self):
         """The SparseGPT importance provider (Hessians computed on first use, then cached)."""
         if self._importance is None:
-            from evomerge_opt.merge.hessian import HessianImportance
+            from evomerge_opt.merge.sparsify.importance import HessianImportance
 
             calibration = [[spec] for spec in self.dataset_names] if self.pair_calibration else self.dataset_names
             self._importance = HessianImportance(
@@ -210,7 +211,7 @@ class MergeComparison:
 
     def compute_and_save_task_vectors(self) -> list[Path]:
         """Task vector of every fine-tune as safetensors in the cache (keyed by content); returns the files."""
-        from evomerge_opt.merge.hessian import compute_task_vector
+        from evomerge_opt.merge.task_vectors import compute_task_vector
 
         return [compute_task_vector(self.base_model_path, ref, self._cache("task_vectors"))
                 for ref in self.finetuned_model_paths]
@@ -239,8 +240,8 @@ class MergeComparison:
         from safetensors import safe_open
 
         from evomerge_opt.io.sources import resolve_model_ref
-        from evomerge_opt.merge.hessian import HessianImportance, _checkpoint_files
-        from evomerge_opt.merge.sparsegpt import obs_trim
+        from evomerge_opt.merge.sparsify.importance import HessianImportance, obs_trim
+        from evomerge_opt.merge.task_vectors import checkpoint_files
 
         if self._obs_importance is None:
             imp = self.importance
@@ -253,7 +254,7 @@ class MergeComparison:
         self._obs_importance.compute_all()
         self.importance_seconds += time.perf_counter() - start
         merger = self._resident()
-        base_index = _checkpoint_files(Path(resolve_model_ref(self.base_model_path)))
+        base_index = checkpoint_files(Path(resolve_model_ref(self.base_model_path)))
         params = dict(model.named_parameters())
         device = next(iter(params.values())).device
         with torch.no_grad():
@@ -336,7 +337,7 @@ class MergeComparison:
 
     def evaluate_sources(self) -> dict[str, dict[str, Any]]:
         """Reference scores of the base and each fine-tune (one model in memory at a time)."""
-        from evomerge_opt.merge.hessian import load_source_model
+        from evomerge_opt.merge.sparsify.importance import load_source_model
 
         out = {}
         for label, ref in [("base", self.base_model_path)] + [

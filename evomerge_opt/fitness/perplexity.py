@@ -18,8 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from evomerge_opt.data.spec import DataSpec
+from evomerge_opt.data.windows import TokenWindows, load_windows
 from evomerge_opt.errors import ConfigError
-from evomerge_opt.fitness.data import DataSpec, TokenWindows, load_windows
 
 logger = logging.getLogger(__name__)
 

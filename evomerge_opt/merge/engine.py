@@ -33,10 +33,10 @@ from evomerge_opt.io.atomic import atomic_output_dir
 from evomerge_opt.io.model_card import copy_tokenizer, write_config, write_generation_config, write_model_card
 from evomerge_opt.io.writer import PlannedShardWriter
 from evomerge_opt.merge._base import ImportanceProvider
-from evomerge_opt.merge.hessian import importance_from_recipe
 from evomerge_opt.merge.methods import StreamInputs
 from evomerge_opt.merge.params import RecipeParams
 from evomerge_opt.merge.sources import MergeSources, local_model_dir
+from evomerge_opt.merge.sparsify.importance import importance_from_recipe
 from evomerge_opt.merge.topk import TopK
 
 logger = logging.getLogger(__name__)

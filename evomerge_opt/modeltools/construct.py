@@ -326,9 +326,9 @@ def build_from_recipe(path: str, options: ConstructOptions) -> tuple[Any, Any]:
             model = model.to(options.dtype)
         return model, tokenizer
     recipe = load_recipe(path)
-    from evomerge_opt.merge.api import merge
+    from evomerge_opt.merge.build import build_ps_model
 
-    model = merge(recipe, device=device, dtype=options.dtype)
+    model = build_ps_model(recipe, device=device, dtype=options.dtype)
     tok_ref = getattr(recipe, "tokenizer_source", None)
     if not tok_ref or tok_ref in ("base", "union"):
         tok_ref = recipe.base_model or recipe.models[0].model

@@ -1,18 +1,16 @@
 """One trial of a search: genome -> recipe -> candidate built in memory -> perplexity (with pruning).
 
-* PS candidates are written in place into ONE resident model by
-  :class:`~evomerge_opt.merge.resident.ResidentMerger` (no disk, no re-instantiation);
-* DFS candidates route through the loaded source models' layers by reference
-  (:func:`~evomerge_opt.dfs.build.build_dfs_candidate`, microseconds);
-* PS+DFS: the PS build first, then DFS over ``[ps_model, sources...]`` in ``dfs.sources`` order.
+The candidate is built by :class:`~evomerge_opt.search.candidates.CandidateBuilder` (models loaded
+once per worker); this module owns the trial: suggest the genome, decode it, build, evaluate, prune,
+and record the results on the trial through Optuna's public API.
 
 The evaluator reports a running value after every batch and the study's pruner decides at once
 (-> :class:`optuna.TrialPruned`). The value at step ``k`` is the running perplexity, or with the
 Wilcoxon pruner batch ``k``'s own mean loss (that pruner pairs instances between trials). Unlike
 ``trial.report``/``trial.should_prune`` (a write and a read of every trial of the study per batch), the
-pruner sees a snapshot of the study taken when the evaluation starts, and the intermediate values are
-written with the trial's other attributes in one transaction at its end (before Optuna records a
-pruned trial's last value), so the per-batch cost is the pruner's arithmetic only.
+pruner sees a snapshot of the study taken at the first pruning check, and the intermediate values are
+reported with the trial's other attributes when it ends (before Optuna records a pruned trial's last
+value), so the per-batch cost is the pruner's arithmetic only.
 
 A failing candidate — NaN/inf weights or fitness, out of memory, a shape error, a recipe the merge
 rejects, an empty DFS path — becomes a FAILED trial with ``user_attrs['fail_reason']`` (the objective
@@ -36,26 +34,18 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge_opt.config.space import PRETRAINED, PS_SOURCE, SearchSpace
+from evomerge_opt.config.space import SearchSpace
 from evomerge_opt.errors import EvoMergeError
 from evomerge_opt.search.baselines import SOURCE_PREFIX
-from evomerge_opt.search.codec import SearchCodec, path_length
+from evomerge_opt.search.candidates import CandidateBuilder, CandidateFailed
+from evomerge_opt.search.codec import SearchCodec
 
 logger = logging.getLogger(__name__)
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 _SHAPE_WORDS = ("shape", "size mismatch", "must match the size", "dimension")
-
-
-class CandidateFailed(Exception):
-    """A candidate that cannot be built or scored; ``reason`` goes to ``user_attrs['fail_reason']``."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -75,89 +65,14 @@ def failure_reason(exc: BaseException) -> str | None:
     return None
 
 
-_UNIT = FloatDistribution(0.0, 1.0)
-
-
-def suggest_genome(trial: optuna.Trial, names: list[str]) -> dict[str, float]:
-    """``trial.suggest_float(name, 0, 1)`` for every coordinate, with the parameters written to an RDB
-    storage in ONE transaction.
-
-    Optuna writes each suggested parameter in its own transaction (plus a query for the parameter's
-    previous distribution): ~5 ms each, i.e. a quarter of a second per trial for a 50-coordinate DFS
-    genome. Here the values are taken exactly where ``Trial._suggest`` would take them (already set,
-    fixed by ``enqueue_trial``, the sampler's relative sample, else ``sample_independent``), written
-    in one INSERT batch, and then suggested as usual, which finds them set and only reads them back. Falls back to
-    plain ``suggest_float`` on any other storage or if Optuna's internals differ.
-    """
-    backend = getattr(trial.storage, "_backend", trial.storage)
-    frozen = getattr(trial, "_cached_frozen_trial", None)
-    if isinstance(backend, optuna.storages.RDBStorage) and frozen is not None:
-        try:
-            from optuna.storages._rdb import models
-            from optuna.storages._rdb.storage import _create_scoped_session
-        except ImportError:  # Optuna's internals moved: plain suggestions below still work
-            models = None
-        if models is not None:
-            fixed = frozen.system_attrs.get("fixed_params") or {}
-            relative = trial.relative_params or {}
-            pending: dict[str, float] = {}
-            for name in names:
-                if name in frozen.distributions:
-                    continue
-                if name in fixed:
-                    pending[name] = float(fixed[name])
-                elif name in relative:
-                    pending[name] = float(relative[name])
-                else:
-                    pending[name] = float(trial.study.sampler.sample_independent(
-                        trial.study, trial._get_latest_trial(), name, _UNIT))
-            if pending:
-                dist_json = optuna.distributions.distribution_to_json(_UNIT)
-                with _create_scoped_session(backend.scoped_session, True) as session:
-                    row = models.TrialModel.find_or_raise_by_id(trial._trial_id, session)
-                    backend.check_trial_is_updatable(trial._trial_id, row.state)
-                    session.add_all([
-                        models.TrialParamModel(trial_id=trial._trial_id, param_name=name,
-                                               param_value=_UNIT.to_internal_repr(value), distribution_json=dist_json)
-                        for name, value in pending.items()
-                    ])
-                frozen.params.update(pending)
-                frozen.distributions.update({name: _UNIT for name in pending})
-    return {name: trial.suggest_float(name, 0.0, 1.0) for name in names}
-
-
-def _rdb_backend(trial: optuna.Trial) -> Any:
-    backend = getattr(trial.storage, "_backend", trial.storage)
-    if isinstance(backend, optuna.storages.RDBStorage) and hasattr(backend, "_set_trial_attr_without_commit") \
-            and hasattr(backend, "_set_trial_intermediate_value_without_commit"):
-        return backend
-    return None
-
-
 def write_trial_data(trial: optuna.Trial, user_attrs: dict[str, Any],
                      intermediate: dict[int, float] | None = None) -> None:
-    """Set several user attributes (and intermediate values) of ``trial`` in ONE transaction on an RDB
-    storage (Optuna commits each one separately); the plain Trial API elsewhere."""
-    backend = _rdb_backend(trial)
-    if backend is None:
-        for key, value in user_attrs.items():
-            trial.set_user_attr(key, value)
-        for step, value in (intermediate or {}).items():
-            trial.report(value, step)
-        return
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    with _create_scoped_session(backend.scoped_session, True) as session:
-        for key, value in user_attrs.items():
-            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial._trial_id, key, value)
-        for step, value in (intermediate or {}).items():
-            backend._set_trial_intermediate_value_without_commit(session, trial._trial_id, step, value)
-    frozen = getattr(trial, "_cached_frozen_trial", None)
-    if frozen is not None:
-        frozen.user_attrs.update(user_attrs)
-        if intermediate:
-            frozen.intermediate_values.update(intermediate)
+    """Set the trial's user attributes and intermediate values (Optuna's public per-call API: one
+    storage write each; ``benchmarks/optuna_overhead.py`` measures what that costs per trial)."""
+    for key, value in user_attrs.items():
+        trial.set_user_attr(key, value)
+    for step, value in sorted((intermediate or {}).items()):
+        trial.report(value, step)
 
 
 class _StudySnapshot:
@@ -184,66 +99,6 @@ class _StudySnapshot:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
-
-
-class CandidateBuilder:
-    """Holds the worker's models (loaded once) and builds candidates from decoded recipes."""
-
-    def __init__(self, space: SearchSpace, codec: SearchCodec, device: str | torch.device = "cpu") -> None:
-        self.space = space
-        self.codec = codec
-        self.device = torch.device(device)
-        self.dtype = space.pool.dtype
-        self.merger: Any = None
-        self._models: dict[str, Any] = {}
-        if space.has_ps:
-            from evomerge_opt.merge.resident import ResidentMerger
-
-            refs = [space.pool.models[s] for s in space.ps_sources()]
-            self.merger = ResidentMerger(space.pool.models[PRETRAINED], refs, device=self.device, dtype=self.dtype)
-        if space.dfs is not None:
-            for name in space.dfs.sources:
-                if name != PS_SOURCE:
-                    self.model(name)
-
-    def model(self, name: str) -> Any:
-        """Pool model ``name`` as a full model (loaded once; shared with the merger when it has it)."""
-        if name not in self._models:
-            sources = self.space.ps_sources()
-            if self.merger is not None and name in sources:
-                self._models[name] = self.merger.source_model(sources.index(name))
-            else:
-                from evomerge_opt.pool import load_causal_lm
-
-                base = self.space.pool.models.get(PRETRAINED)
-                self._models[name] = load_causal_lm(self.space.pool.models[name], dtype=self.dtype,
-                                                    device=self.device, base_model=base)
-        return self._models[name]
-
-    def release(self, name: str) -> None:
-        """Drop a model loaded only for a baseline (not a DFS source, not held by the merger)."""
-        keep = set(self.space.dfs.sources) if self.space.dfs is not None else set()
-        if name not in keep and name not in self.space.ps_sources():
-            self._models.pop(name, None)
-
-    def build(self, recipe: dict[str, Any], baseline: str | None = None) -> Any:
-        if baseline is not None and baseline.startswith(SOURCE_PREFIX):
-            return self.model(baseline[len(SOURCE_PREFIX):])
-        if "merge_method" in recipe:  # a PS recipe (PS search or a PS baseline)
-            if self.merger is None:
-                raise CandidateFailed("a parameter-space recipe needs a PS search space (no resident merger)")
-            return self.merger.build(recipe)
-        from evomerge_opt.config.dfs_recipe import load_dfs_recipe
-        from evomerge_opt.dfs.build import build_dfs_candidate
-
-        assert self.space.dfs is not None
-        if path_length(recipe) == 0:
-            raise CandidateFailed("empty path: no DFS slot is above the mask threshold")
-        models = []
-        for name, entry in zip(self.space.dfs.sources, recipe["model_paths"]):
-            models.append(self.merger.build(entry) if name == PS_SOURCE else self.model(name))
-        parsed = load_dfs_recipe(recipe)
-        return build_dfs_candidate(models, parsed, source_names=list(self.space.dfs.sources))
 
 
 class _BatchLosses:
@@ -295,10 +150,8 @@ class SearchObjective:
         self.dataset_names = list(evaluator.names)
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        genome = suggest_genome(trial, self.codec.names)
-        # The attributes the trial was enqueued with (read when it started; `trial.user_attrs` re-reads).
-        frozen = getattr(trial, "_cached_frozen_trial", None)
-        enqueued = frozen.user_attrs if frozen is not None else trial.user_attrs
+        genome = {name: trial.suggest_float(name, 0.0, 1.0) for name in self.codec.names}
+        enqueued = trial.user_attrs  # the attributes the trial was enqueued with (a baseline's recipe)
         baseline = enqueued.get("baseline")
         recipe = enqueued.get("recipe") if baseline else None
         # Written with the results in one transaction when the trial ends (a trial killed before that
@@ -394,6 +247,7 @@ class _EvalState:
         self.running: float | None = None
         self.intermediate: dict[int, float] = {}
         self._snapshot: _StudySnapshot | None = None
+        self._frozen: FrozenTrial | None = None
 
     @property
     def snapshot(self) -> _StudySnapshot:
@@ -402,7 +256,12 @@ class _EvalState:
         return self._snapshot
 
     def frozen(self) -> FrozenTrial:
-        frozen = copy.copy(self.trial._cached_frozen_trial)
+        """This trial as the pruner must see it: the snapshot's copy (params, state RUNNING) with the
+        intermediate values reported so far (kept in memory until the trial ends)."""
+        if self._frozen is None:
+            number = self.trial.number
+            self._frozen = next(t for t in self.snapshot.trials if t.number == number)
+        frozen = copy.copy(self._frozen)
         frozen.intermediate_values = dict(self.intermediate)
         return frozen
 

@@ -38,6 +38,7 @@ from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge_opt.registry import Registry
+from evomerge_opt.search import _optuna_compat as compat
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class PyCmaSampler(BaseSampler):
         if not search_space or trial.system_attrs.get("fixed_params") or _PREFIX + "slot" in trial.system_attrs:
             return {}  # an enqueued (baseline) trial, or a retry that keeps its slot and params
         with _LOCK:
-            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+            trials = study.get_trials(deepcopy=False)
             meta, es = self._advance(study, None, trials)
             members = self._members(trials, meta, exclude=trial.number)
             taken = {t.system_attrs[_PREFIX + "slot"] for t in members}
@@ -217,10 +218,9 @@ class PyCmaSampler(BaseSampler):
                 slot = -1
                 with _numpy_seed(_mix(self.seed, meta["restart"], meta["generation"], trial.number)):
                     x = np.asarray(copy.deepcopy(es).ask(1)[0], dtype=float)
-            storage, trial_id = study._storage, trial._trial_id
-            storage.set_trial_system_attr(trial_id, _PREFIX + "restart", meta["restart"])
-            storage.set_trial_system_attr(trial_id, _PREFIX + "generation", meta["generation"])
-            storage.set_trial_system_attr(trial_id, _PREFIX + "slot", slot)
+            compat.set_trial_system_attr(study, trial, _PREFIX + "restart", meta["restart"])
+            compat.set_trial_system_attr(study, trial, _PREFIX + "generation", meta["generation"])
+            compat.set_trial_system_attr(study, trial, _PREFIX + "slot", slot)
         return {name: float(min(max(v, 0.0), 1.0)) for name, v in zip(self.names, x)}
 
     def sample_independent(
@@ -235,7 +235,7 @@ class PyCmaSampler(BaseSampler):
         if _PREFIX + "slot" not in trial.system_attrs:
             return
         with _LOCK:
-            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+            trials = study.get_trials(deepcopy=False)
             self._advance(study, (trial.number, state, values), trials)
 
     # ---- state -----------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ class PyCmaSampler(BaseSampler):
     def load_state(self, study: Study) -> tuple[dict[str, Any], Any] | None:
         """``(meta, es)`` as stored in ``study`` (None before the first ask). ``meta``: restart,
         generation, population, popsize."""
-        attrs = study._storage.get_study_system_attrs(study._study_id)
+        attrs = compat.study_system_attrs(study)
         meta = attrs.get(_PREFIX + "meta")
         if meta is None:
             return None
@@ -268,7 +268,7 @@ class PyCmaSampler(BaseSampler):
         text = "".join(attrs.get(f"{_PREFIX}es:{i}", "") for i in range(meta["chunks"]))
         if hashlib.sha256(text.encode()).hexdigest() != meta["digest"]:
             # Another worker is writing a newer state right now; read again.
-            attrs = study._storage.get_study_system_attrs(study._study_id)
+            attrs = compat.study_system_attrs(study)
             meta = attrs[_PREFIX + "meta"]
             text = "".join(attrs.get(f"{_PREFIX}es:{i}", "") for i in range(meta["chunks"]))
         es = pickle.loads(zlib.decompress(base64.b64decode(text)))  # our own state, written by this class
@@ -279,10 +279,9 @@ class PyCmaSampler(BaseSampler):
         text = base64.b64encode(zlib.compress(pickle.dumps(es))).decode()
         chunks = [text[i : i + _CHUNK] for i in range(0, len(text), _CHUNK)]
         meta = dict(meta, chunks=len(chunks), digest=hashlib.sha256(text.encode()).hexdigest())
-        storage, study_id = study._storage, study._study_id
         for i, chunk in enumerate(chunks):
-            storage.set_study_system_attr(study_id, f"{_PREFIX}es:{i}", chunk)
-        storage.set_study_system_attr(study_id, _PREFIX + "meta", meta)  # last: readers see whole states
+            compat.set_study_system_attr(study, f"{_PREFIX}es:{i}", chunk)
+        compat.set_study_system_attr(study, _PREFIX + "meta", meta)  # last: readers see whole states
         self._cache = (meta["digest"], meta, es)
 
     @staticmethod

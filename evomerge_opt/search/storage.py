@@ -17,15 +17,12 @@ not sit on a network file system; use PostgreSQL when workers run on several mac
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
-import re
 import sqlite3
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,9 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from evomerge_opt.config.names import STUDY_NAME_PATTERN
 from evomerge_opt.errors import ConfigError
+from evomerge_opt.search import _optuna_compat as compat
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +42,17 @@ DEFAULT_MAX_RETRY = 3
 STUDIES_DIR = "studies"
 SQLITE_BUSY_TIMEOUT_S = 60
 
-_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def _check_study_name(study_name: str) -> None:
-    if not isinstance(study_name, str) or not _STUDY_NAME.match(study_name):
+def check_study_name(study_name: str) -> None:
+    if not isinstance(study_name, str) or not STUDY_NAME_PATTERN.match(study_name):
         raise ConfigError(
-            f"A study name must match {_STUDY_NAME.pattern!r} (letters, digits, '.', '_', '-'; no path "
+            f"A study name must match {STUDY_NAME_PATTERN.pattern!r} (letters, digits, '.', '_', '-'; no path "
             f"separators), but got {study_name!r}; choose another --study."
         )
 
 
 def default_storage_url(study_name: str, root: str | Path = STUDIES_DIR) -> str:
     """``sqlite:///studies/<study>.db`` (relative to the current directory); creates ``studies/``."""
-    _check_study_name(study_name)
+    check_study_name(study_name)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(root / f'{study_name}.db').as_posix()}"
@@ -278,7 +274,7 @@ def load_study(
     """
     if storage is None:
         if url is None:
-            _check_study_name(study_name)
+            check_study_name(study_name)
             path = Path(STUDIES_DIR) / f"{study_name}.db"
             if not path.is_file():
                 found = (
@@ -311,13 +307,13 @@ def load_study(
 
 def rdb_backend(storage: optuna.storages.BaseStorage) -> RDBStorage | None:
     """The RDBStorage behind ``storage`` (Optuna wraps it in a cache inside studies), else None."""
-    backend = getattr(storage, "_backend", storage)
+    backend = compat.cached_storage_backend(storage)
     return backend if isinstance(backend, RDBStorage) else None
 
 
 def _running_trial_ids(study: optuna.Study) -> dict[int, int]:
     """trial_id -> number of the study's RUNNING trials."""
-    return {t._trial_id: t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    return {compat.trial_id(t): t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
 
 
 def _fail_stale_now(study: optuna.Study) -> list[int]:
@@ -328,36 +324,12 @@ def _fail_stale_now(study: optuna.Study) -> list[int]:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     after = _running_trial_ids(study)
-    storage = study._storage
+    storage = compat.study_storage(study)
     failed = []
     for trial_id, number in before.items():
         if trial_id not in after and storage.get_trial(trial_id).state == TrialState.FAIL:
             failed.append(number)
     return sorted(failed)
-
-
-@contextlib.contextmanager
-def _session(storage: RDBStorage) -> Iterator[Any]:
-    session = storage.scoped_session()
-    try:
-        yield session
-    finally:
-        session.close()
-
-
-def _heartbeats(storage: RDBStorage, trial_ids: set[int]) -> dict[int, Any]:
-    """trial_id -> last heartbeat time (database clock) for the trials that have one."""
-    from optuna.storages._rdb import models
-
-    if not trial_ids:
-        return {}
-    with _session(storage) as session:
-        rows = (
-            session.query(models.TrialHeartbeatModel.trial_id, models.TrialHeartbeatModel.heartbeat)
-            .filter(models.TrialHeartbeatModel.trial_id.in_(sorted(trial_ids)))
-            .all()
-        )
-    return {trial_id: beat for trial_id, beat in rows}
 
 
 def _fail_silent(study: optuna.Study, storage: RDBStorage, trial_ids: set[int]) -> list[int]:
@@ -392,14 +364,14 @@ def fail_stale_trials(study: optuna.Study, wait: bool = False, poll_s: float = 0
 
     The wait ends early once every watched trial is judged.
     """
-    storage = rdb_backend(study._storage)
+    storage = rdb_backend(compat.study_storage(study))
     failed = _fail_stale_now(study)
     if storage is None or storage.heartbeat_interval is None:
         return failed
     interval = storage.heartbeat_interval
     grace = storage.grace_period if storage.grace_period is not None else 2 * interval
     running = _running_trial_ids(study)
-    first = _heartbeats(storage, set(running))
+    first = compat.heartbeat_times(storage, set(running))
     pending = set(first)
     silent = set(running) - pending
     if wait and running:
@@ -413,7 +385,7 @@ def fail_stale_trials(study: optuna.Study, wait: bool = False, poll_s: float = 0
             time.sleep(poll_s)
             failed += _fail_stale_now(study)
             still = _running_trial_ids(study)
-            beats = _heartbeats(storage, pending | silent)
+            beats = compat.heartbeat_times(storage, pending | silent)
             pending = {i for i in pending if i in still and beats.get(i) == first[i]}
             silent = {i for i in silent if i in still and i not in beats}
         if silent:

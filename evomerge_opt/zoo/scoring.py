@@ -54,7 +54,8 @@ def answer_accuracy(model, tokenizer, records: list[dict[str, str]], batch_size:
 def score_model(model, tokenizer, root: str | Path, split: str = "test", tasks=TASKS, batch_size: int = 32,
                 cache_dir=None) -> dict[str, float]:
     """``{task: perplexity}`` plus ``{task + "_acc": accuracy}`` for the question-answer tasks."""
-    from evomerge_opt.fitness.data import DataSpec, load_windows
+    from evomerge_opt.data.spec import DataSpec
+    from evomerge_opt.data.windows import load_windows
     from evomerge_opt.fitness.perplexity import PerplexityEvaluator
 
     root = Path(root)

@@ -1,11 +1,11 @@
 """The ``sparsegpt`` sparsifier: TIES/DARE trimming by SparseGPT importance instead of magnitude.
 
 For a Linear weight's task vector ``d`` ``[out, in]`` of source ``i``, the kept entries are the top
-``round(density * numel)`` by ``d^2 / diag(U_i)^2`` (see :mod:`evomerge_opt.merge.hessian`); entries
+``round(density * numel)`` by ``d^2 / diag(U_i)^2`` (see :mod:`evomerge_opt.merge.sparsify.importance.scores`); entries
 with the same ``|d|`` are kept preferentially where the input column's ``diag(U)^2`` is small (an
 input the calibration data excites strongly, whose weight error costs most). Tensors that are not
 decoder Linear weights (embeddings, norms, ``lm_head``) fall back to magnitude. Importing this module
-registers the sparsifier (``get_sparsifier("sparsegpt")`` does it on first use).
+registers the sparsifier (importing :mod:`evomerge_opt.merge.sparsify` does).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import torch
 
 from evomerge_opt.errors import ConfigError
 from evomerge_opt.merge._base import Sparsifier, TensorContext, topk_mask
-from evomerge_opt.merge.hessian import importance_scores
-from evomerge_opt.merge.sparsify import SPARSIFIERS
+from evomerge_opt.merge.sparsify.importance.scores import damped_hessian, importance_scores
+from evomerge_opt.merge.sparsify.registry import register
 
 
+@register("sparsegpt")
 class SparseGPTSparsifier(Sparsifier):
     name = "sparsegpt"
 
@@ -34,10 +35,6 @@ class SparseGPTSparsifier(Sparsifier):
         return topk_mask(importance_scores(delta, scale), density)
 
 
-if "sparsegpt" not in SPARSIFIERS:
-    SPARSIFIERS.add("sparsegpt", SparseGPTSparsifier())
-
-
 def obs_trim(delta: torch.Tensor, density: float, hessian: torch.Tensor, damp: float = 0.01,
              blocksize: int = 128) -> torch.Tensor:
     """SparseGPT's trimming WITH its error-compensating (OBS) update, applied to a task vector.
@@ -52,8 +49,6 @@ def obs_trim(delta: torch.Tensor, density: float, hessian: torch.Tensor, damp: f
     This does not fit the mask-only :class:`Sparsifier` contract (it changes the kept values), so the
     merge engine cannot select it by name yet; ``benchmarks/sparsegpt_vs_magnitude.py`` measures it.
     """
-    from evomerge_opt.merge.hessian import damped_hessian
-
     if delta.dim() != 2 or hessian.shape != (delta.shape[1], delta.shape[1]):
         raise ConfigError(
             f"obs_trim needs delta [out, in] and hessian [in, in], but got {tuple(delta.shape)} and "
