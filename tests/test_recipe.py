@@ -145,3 +145,18 @@ def test_dfs_recipe_dispatch(tiny_llama_family):
     except ConfigError as exc:  # the DFS schema is another module's; only the dispatch is tested here
         pytest.skip(f"DFS schema rejected this minimal recipe: {exc}")
     assert isinstance(recipe, DFSRecipe)
+
+
+def test_recipe_semantics_fields_default_explicit_and_legacy():
+    from evomerge_opt.config.recipe import parse_ps_recipe
+
+    base = {"merge_method": "ties", "base_model": "b", "models": ["a"]}
+    fresh = parse_ps_recipe(dict(base), source=None, source_dir=None)
+    assert (fresh.effective_defaults, fresh.effective_rng) == ("mergekit", "v2")
+    legacy = parse_ps_recipe({**base, "provenance": {"evomerge_version": "0.1.0"}}, source=None, source_dir=None)
+    assert (legacy.effective_defaults, legacy.effective_rng) == ("evomerge-0.1", "v1")
+    pinned = parse_ps_recipe({**base, "defaults": "mergekit", "rng": "v2", "provenance": {"evomerge_version": "0.1.0"}},
+                             source=None, source_dir=None)
+    assert (pinned.effective_defaults, pinned.effective_rng) == ("mergekit", "v2")
+    written = legacy.to_dict()
+    assert written["defaults"] == "evomerge-0.1" and written["rng"] == "v1"

@@ -14,6 +14,12 @@ A recipe::
     seed: 0                            # seeds DARE masks: bit-for-bit reproducible
     tokenizer_source: base             # `base` (default) or a model reference
     resize_policy: error               # error | truncate_to_base (sources with a resized vocabulary)
+    defaults: mergekit                 # mergekit (default) | evomerge-0.1: which defaults and rounding apply
+    rng: v2                            # DARE mask scheme: v2 (default) | v1 (evo-merge 0.1's)
+
+Recipes evo-merge writes always carry ``defaults`` and ``rng``. A recipe without them gets mergekit's
+semantics, except one whose ``provenance.evomerge_version`` is 0.1.x (written before the fields
+existed), which rebuilds with 0.1's (``evomerge-0.1``, ``v1``) so old studies stay reproducible.
 
 Per-source parameters: ``weight`` (default 1), ``density`` (default 1, must be in (0, 1]).
 Global parameters: ``normalize`` (default true; false for task_arithmetic), ``lambda`` (default 1),
@@ -55,6 +61,16 @@ SOURCE_KEYS = {"weight", "density"}
 GLOBAL_KEYS = {"normalize", "lambda", "rescale", "sparsify", "weight", "density", "int8_mask"}
 NUMERIC_KEYS = {"weight", "density", "lambda"}
 
+LEGACY_VERSION_PREFIX = "0.1."
+
+
+def is_legacy_provenance(provenance: dict[str, Any] | None) -> bool:
+    """A recipe whose provenance names evo-merge 0.1.x: it predates the ``defaults``/``rng`` fields and
+    rebuilds with that version's semantics (``defaults: evomerge-0.1``, ``rng: v1``)."""
+    version = str((provenance or {}).get("evomerge_version") or "")
+    return version.startswith(LEGACY_VERSION_PREFIX)
+
+
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _AFTER_LAYERS = ("norm.weight", "norm.bias", "lm_head", "score.")
 
@@ -87,6 +103,10 @@ class PSRecipe(BaseModel):
     # Calibration data for `sparsify: sparsegpt`: a list of dataset specs, or {datasets: [...],
     # num_samples, seq_len, batch_size, per_source, damp, criterion} (see merge/sparsify/importance/provider.py).
     calibration: list[Any] | dict[str, Any] | None = None
+    # Which semantics rebuild this recipe (see `effective_defaults` / `effective_rng`): recipes written
+    # by evo-merge always carry both, so a later change of defaults or mask scheme never changes them.
+    defaults: Literal["mergekit", "evomerge-0.1"] | None = None
+    rng: Literal["v1", "v2"] | None = None
 
     _source_dir: Path | None = PrivateAttr(default=None)
 
@@ -113,6 +133,21 @@ class PSRecipe(BaseModel):
             return params[key]
         return self.parameters.get(key, default)
 
+    @property
+    def legacy(self) -> bool:
+        """Written by evo-merge 0.1 (its provenance says so) without explicit ``defaults``/``rng``."""
+        return is_legacy_provenance(self.provenance)
+
+    @property
+    def effective_defaults(self) -> str:
+        """``mergekit`` (mergekit's defaults and rounding) unless the recipe says otherwise or is legacy."""
+        return self.defaults or ("evomerge-0.1" if self.legacy else "mergekit")
+
+    @property
+    def effective_rng(self) -> str:
+        """DARE mask scheme: ``v2`` (counter-based, device-independent) unless set or legacy (``v1``)."""
+        return self.rng or ("v1" if self.legacy else "v2")
+
     def resolve_ref(self, ref: str) -> str:
         """A model reference relative to the CWD, else to the recipe file's directory."""
         from evomerge_opt.io.sources import resolve_model_ref
@@ -137,6 +172,8 @@ class PSRecipe(BaseModel):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["seed"] = self.seed
+        out["defaults"] = self.effective_defaults
+        out["rng"] = self.effective_rng
         if self.resize_policy != "error":
             out["resize_policy"] = self.resize_policy
         if self.provenance:
