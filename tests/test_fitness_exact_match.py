@@ -20,6 +20,15 @@ def _model(kind: str, request):
         return random_model(TINY_LLAMA, seed=3).float()
     if kind == "random_mistral":
         return random_model(TINY_MISTRAL, seed=4).float()
+    if kind == "dfs":  # a DFS candidate: layers of two sources by reference, scaled hops
+        from evomerge_opt.dfs.build import build_dfs_candidate
+
+        fam = request.getfixturevalue("tiny_mistral_family")
+        sources = [load_causal_lm(str(fam[k])) for k in ("ft0", "ft1")]
+        recipe = {"model_paths": ["a", "b"], "num_r": 2, "layer_mask": [[[True, True], [False, True]]] * 2,
+                  "scaling_factors": [[[1.0, 0.9], [None, 1.1]], [[0.8, 1.0], [None, 1.2]]],
+                  "input_layer_model": 0, "output_layer_model": 1}
+        return build_dfs_candidate(sources, recipe)
     family, member = kind.split(":")
     return load_causal_lm(str(request.getfixturevalue(family)[member]))
 
@@ -59,7 +68,7 @@ def _greedy_writes(model, tok, prompt_ids, targets) -> bool:
 
 
 @pytest.mark.parametrize("kind", ["random_llama", "random_mistral", "tiny_llama_family:base",
-                                  "tiny_mistral_family:ft0", "tiny_llama_tied_bf16_family:ft1"])
+                                  "tiny_mistral_family:ft0", "tiny_llama_tied_bf16_family:ft1", "dfs"])
 @pytest.mark.parametrize("delimiter", ["", " "])
 def test_teacher_forced_equals_greedy_generation(kind, delimiter, request, tiny_tokenizer, tmp_path):
     model = _model(kind, request)

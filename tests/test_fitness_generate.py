@@ -202,3 +202,22 @@ def test_dfs_cached_generation_equals_uncached(family, request, tiny_tokenizer):
     with torch.no_grad():
         assert len(model(torch.tensor([prompts[0]]), use_cache=True).past_key_values.layers) == len(
             model.config.hop_table)  # the cache really is indexed by hop
+
+
+def test_chat_template_renders_the_prompt(tmp_path, digit_tok):
+    import copy
+
+    tok = copy.deepcopy(digit_tok)
+    tok.chat_template = ("{% for m in messages %}[user] {{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %} [bot]{% endif %}")
+    rendered = tok.apply_chat_template([{"role": "user", "content": "q one"}], tokenize=False,
+                                       add_generation_prompt=True)
+    assert rendered == "[user] q one [bot]"
+    ids = tok(rendered, add_special_tokens=False)["input_ids"]
+    answer = tok("the answer is 42.", add_special_tokens=False)["input_ids"]
+    model = ScriptedLM({tuple(ids): list(answer)}, len(tok), tok.eos_token_id)  # answers only the chat form
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "q one", "answer": "42"}])
+    evaluator = FitnessEvaluator.from_specs([{"name": "c", "path": str(data), "metric": "generate", "chat": True}],
+                                            tok)
+    assert evaluator.datasets[0].prompts == [ids]
+    assert evaluator.evaluate(model).per_dataset["c"].value == 1.0

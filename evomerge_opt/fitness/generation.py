@@ -174,19 +174,26 @@ def hf_generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Sequen
                       new_tokens=sum(len(t) for t in tokens), seconds=seconds)
 
 
+def device_is_cuda(model: torch.nn.Module) -> bool:
+    return model_device(model).type == "cuda"
+
+
 def generation_throughput(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32,
-                          batch_size: int = 8, repeats: int = 3, chat: bool = False) -> dict[str, Any]:
+                          batch_size: int = 8, repeats: int = 3, chat: bool = False,
+                          eos_token_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """Tokens/s of :func:`greedy_generate` against plain ``model.generate`` on the same prompts.
 
     Three ways, interleaved ``repeats`` times (A/B/C, B/C/A, ...) so drift on a shared machine hits each
     alike: ours batched, ``model.generate`` on the same left-padded batches, ``model.generate`` one
     prompt at a time (the plain loop). Returns best-of-repeats seconds and generated tokens/s per way,
-    the ratios, and ``agree``: the fraction of prompts where ours writes exactly the tokens of the
-    one-at-a-time loop (batching/padding may flip near-ties in low precision)."""
+    the ratios (wall and CPU time of this process), and ``agree``: the fraction of prompts where ours
+    writes exactly the tokens of the one-at-a-time loop (batching/padding may flip near-ties in low
+    precision)."""
     from evomerge_opt.fitness.forward import encode, render_prompt
 
     ids = [encode(tokenizer, render_prompt(tokenizer, p, chat), chat) for p in prompts]
-    eos = eos_ids(model, tokenizer)
+    # ``eos_token_ids=[]``: every row decodes exactly max_new_tokens (pure decoding speed).
+    eos = list(eos_token_ids) if eos_token_ids is not None else eos_ids(model, tokenizer)
     ways = {
         "ours_batched": lambda: greedy_generate(model, tokenizer, ids, max_new_tokens, (), batch_size, eos),
         "hf_generate_batched": lambda: hf_generate(model, tokenizer, ids, max_new_tokens, batch_size, eos),
@@ -194,23 +201,32 @@ def generation_throughput(model: torch.nn.Module, tokenizer: Any, prompts: Seque
     }
     names = list(ways)
     seconds: dict[str, list[float]] = {n: [] for n in names}
+    cpu_seconds: dict[str, list[float]] = {n: [] for n in names}
     outputs: dict[str, Generation] = {}
     model.eval()
+    ways["ours_batched"]()  # warm-up (first-call allocations, lazy imports)
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            cpu = time.process_time()
+            wall = time.perf_counter()
             result = ways[name]()
-            seconds[name].append(result.seconds)
+            if device_is_cuda(model):
+                torch.cuda.synchronize()
+            seconds[name].append(time.perf_counter() - wall)
+            cpu_seconds[name].append(time.process_time() - cpu)
             outputs[name] = result
     report: dict[str, Any] = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                               "repeats": repeats}
     for name in names:
-        best = min(seconds[name])
-        report[name] = {"seconds": best, "new_tokens": outputs[name].new_tokens,
-                        "tokens_per_second": outputs[name].new_tokens / best if best > 0 else float("inf")}
-    ours = report["ours_batched"]["tokens_per_second"]
-    report["speedup_vs_hf_batched"] = ours / report["hf_generate_batched"]["tokens_per_second"]
-    report["speedup_vs_hf_loop"] = ours / report["hf_generate_loop"]["tokens_per_second"]
+        best, best_cpu, new = min(seconds[name]), min(cpu_seconds[name]), outputs[name].new_tokens
+        report[name] = {"seconds": best, "cpu_seconds": best_cpu, "new_tokens": new,
+                        "tokens_per_second": new / best if best > 0 else float("inf"),
+                        "tokens_per_cpu_second": new / best_cpu if best_cpu > 0 else float("inf")}
+    ours, ours_cpu = report["ours_batched"]["tokens_per_second"], report["ours_batched"]["tokens_per_cpu_second"]
+    for key, other in (("hf_batched", "hf_generate_batched"), ("hf_loop", "hf_generate_loop")):
+        report[f"speedup_vs_{key}"] = ours / report[other]["tokens_per_second"]
+        report[f"cpu_speedup_vs_{key}"] = ours_cpu / report[other]["tokens_per_cpu_second"]
     reference = outputs["hf_generate_loop"].tokens
     report["agree"] = sum(a == b for a, b in zip(outputs["ours_batched"].tokens, reference)) / max(1, len(prompts))
     return report
