@@ -71,10 +71,10 @@ def check_dataset(spec: FitnessDatasetSpec, records: list[dict[str, Any]] | None
 
     metric = METRICS.get(spec.metric)
     if not metric.uses_records:
-        if spec.path is not None and not spec.path.startswith("zoo:"):
+        if spec.path is not None:
             from evomerge_opt.fitness.data import _resolve_path
 
-            _resolve_path(spec)
+            _resolve_path(spec)  # exists (zoo: refs resolved)
         return []
     if records is None:
         records = load_records(spec)
