@@ -187,7 +187,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = load_causal_lm(args.target, dtype=args.dtype, device=device)
 
-    result = evaluator.evaluate(model)
+    from tqdm.auto import tqdm
+
+    # A bar on a terminal (disable=None: off when stderr is not a TTY, e.g. in logs and tests).
+    with tqdm(total=evaluator.num_batches, desc="eval", unit="batch", disable=None) as bar:
+        result = evaluator.evaluate(model, on_batch=lambda step, running: bar.update(1))
     width = max(12, *(len(name) + 2 for name in result.per_dataset))
     metric_width = max(12, *(len(r.metric) + 2 for r in result.per_dataset.values()))
     print(f"{'dataset':<{width}}{'metric':<{metric_width}}{'value':>12}{'n':>8}{'extracted':>11}{'tokens':>10}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,7 +41,6 @@ class Generation:
     steps: int = 0
     finite: bool = True
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _tail_has_stop(tokenizer: Any, tokens: list[int], stop: Sequence[str], tail: int) -> bool:

@@ -250,7 +250,7 @@ def fitness_problems(datasets: Sequence[Any], lm_eval: Sequence[Any] = (), multi
     tokenizer), which is what the search space's ``check_sources`` should do."""
     out: list[str] = []
     if not datasets and not lm_eval:
-        out.append("fitness.datasets: at least one dataset (or an fitness.lm_eval task) is required.")
+        out.append("fitness.datasets: at least one dataset (or a fitness.lm_eval task) is required.")
     names: list[str] = []
     for i, entry in enumerate(datasets):
         name, problems = _entry_problems(i, entry, check_data)
@@ -282,20 +282,19 @@ def fitness_objectives(datasets: Sequence[Any], lm_eval: Sequence[Any] = (),
     :mod:`evomerge_opt.fitness.combine`.
     """
     from evomerge_opt.fitness.combine import objective_for
+    from evomerge_opt.fitness.metrics import METRICS
 
     kinds, directions, names = [], [], []
     for entry in datasets:
         spec = parse_fitness_dataset(entry)
-        from evomerge_opt.fitness.metrics import METRICS
-
         metric = METRICS.get(spec.metric)
         kinds.append(metric.kind)
         directions.append(metric.direction)
         names.append(spec.name or "")
     for entry in lm_eval:
-        spec = parse_lm_eval_task(entry)
         from evomerge_opt.fitness.lmeval import metric_kind
 
+        spec = parse_lm_eval_task(entry)
         kind = metric_kind(spec.metric_name)
         kinds.append(kind)
         directions.append("maximize" if kind == "accuracy" else "minimize")
