@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("evomerge_opt.cli.worker", "Join a running study as another worker."),
     "apply": ("evomerge_opt.cli.apply", "Build a merged model directory from a recipe (PS or DFS)."),
     "validate": ("evomerge_opt.cli.validate", "Check recipes, pools and search spaces; report every problem."),
-    "eval": ("evomerge_opt.cli.eval", "Perplexity of a model or recipe on evaluation data."),
+    "eval": ("evomerge_opt.cli.eval", "Score a model or recipe: perplexity, accuracy, lm-eval tasks."),
     "compare": ("evomerge_opt.cli.compare", "Compare TIES/DARE with magnitude and SparseGPT trimming."),
     "export": ("evomerge_opt.cli.export", "Write any trial's recipe (evo-merge or mergekit format)."),
     "dashboard": ("evomerge_opt.cli.dashboard", "Start optuna-dashboard on a study's storage."),
