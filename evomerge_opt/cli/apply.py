@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="Replace --out if it exists (only once the new one is complete).")
     parser.add_argument("--max-shard-size", default="5GB", help="Largest safetensors shard, e.g. 2GB or 500MB (default 5GB).")
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    parser.add_argument("--format", choices=("evo", "plain"), default="evo",
+                        help="DFS recipes only: evo (default: the portable Evo*Affine model, any recipe) or plain "
+                             "(a standard Llama/Mistral, one layer per hop, scalar scales folded in; no remote code).")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +32,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     recipe = load_recipe(args.recipe)
     if isinstance(recipe, PSRecipe):
+        if args.format != "evo":
+            from evomerge_opt.errors import ConfigError
+
+            raise ConfigError(f"--format {args.format} applies to data-flow-space recipes; {args.recipe} is a "
+                              "parameter-space recipe, whose output is already a standard model. Drop --format.")
         from evomerge_opt.merge import prepass  # numpy only: forks before torch is imported
 
         ahead = prepass.start(recipe) if args.device == "cpu" else None
@@ -43,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         from evomerge_opt.dfs.api import apply_dfs_recipe
 
-        out = apply_dfs_recipe(recipe, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite)
-        kind = "data-flow-space merge"
+        out = apply_dfs_recipe(recipe, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
+                               format=args.format, max_shard_size=args.max_shard_size, progress=not args.no_progress)
+        kind = f"data-flow-space merge, {args.format} format"
     out = Path(out)
     weights = sorted(out.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in weights)

@@ -144,15 +144,20 @@ def apply_dfs_recipe(
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
     load_dtype: str | torch.dtype | None = None,
+    *,
+    format: str = "evo",
+    max_shard_size: str | int = "5GB",
+    progress: bool = False,
 ) -> Path:
-    """``evo-merge apply`` for a DFS recipe: write the portable directory; return its path.
+    """``evo-merge apply`` for a DFS recipe: write the directory (``format`` evo | plain); return its path.
 
-    ``dtype`` is the saved dtype (default: the recipe's ``dtype``, else bfloat16).
+    Streams tensor by tensor from the sources' checkpoints (:func:`evomerge_opt.dfs.stream.stream_dfs_apply`;
+    no model is built). ``dtype`` is the saved dtype (default: the recipe's ``dtype``, else bfloat16).
     """
-    dfs_merge_from_config(
-        recipe, output_path=out_dir, device=device, load_dtype=load_dtype, save_dtype=dtype, overwrite=overwrite
-    )
-    return Path(out_dir)
+    from evomerge_opt.dfs.stream import stream_dfs_apply  # lazily: dfs.stream imports this module
+
+    return stream_dfs_apply(recipe, out_dir, format=format, device=device, dtype=dtype, overwrite=overwrite,
+                            load_dtype=load_dtype, max_shard_size=max_shard_size, progress=progress)
 
 
 # The seed's name for the same function (sic: "excute"), kept so seed-003 scripts run unchanged.
