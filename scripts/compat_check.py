@@ -7,7 +7,7 @@ transformers, no evo-merge: asserted), as ``python compat_check.py JOBS.json``; 
     {"jobs": [{"dir": ..., "kind": "causal"|"seqcls", "remote": true|false,
                "reference": "ref.safetensors",   # ids, attention_mask, logits computed by the pinned version
                "compare_to": DIR | null,         # a plain source dir that must give exactly the same logits
-               "generate": true|false}, ...]}
+               "generate": true|false, "attn": "eager" | null}, ...]}
 
 Per job it reports the class and module that loaded, max |logits - reference| (fp32), whether the logits
 equal ``compare_to``'s exactly (same process, same transformers), whether greedy generation with the KV
@@ -44,6 +44,8 @@ class _Collect(logging.Handler):
 def _load(job: dict, directory: str):
     auto = AutoModelForCausalLM if job["kind"] == "causal" else AutoModelForSequenceClassification
     kwargs = {"trust_remote_code": True} if job.get("remote") else {}
+    if job.get("attn"):
+        kwargs["attn_implementation"] = job["attn"]
     return auto.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
 
 

@@ -54,9 +54,10 @@ def torch_version() -> str:
     return metadata.version("torch")
 
 
-def env_key(version: str) -> str:
+def env_key(version: str, extras: tuple[str, ...] = ()) -> str:
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return f"{py}-torch{torch_version()}-transformers{version}"
+    key = f"{py}-torch{torch_version()}-transformers{version}"
+    return key + "".join(f"+{re.sub(r'[^A-Za-z0-9.=_-]', '_', extra)}" for extra in sorted(extras))
 
 
 def _requirement_names(dist: metadata.Distribution) -> list[str]:
@@ -135,11 +136,12 @@ def _venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def ensure_env(version: str, *, log=print) -> Path:
-    """The python of the environment for ``transformers==version``, built when missing."""
+def ensure_env(version: str, *, extras: tuple[str, ...] = (), log=print) -> Path:
+    """The python of the environment for ``transformers==version`` (plus ``extras``, pip requirement
+    strings such as ``sentencepiece``), built when missing."""
     root = compat_root()
     root.mkdir(parents=True, exist_ok=True)
-    venv = root / env_key(version)
+    venv = root / env_key(version, tuple(extras))
     with open(root / f".{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits, then finds the stamp
         if (venv / STAMP).is_file():
@@ -155,7 +157,7 @@ def ensure_env(version: str, *, log=print) -> Path:
         (purelib / "evomerge_torch_overlay.pth").write_text(str(overlay) + "\n")
         # This interpreter's pip installs into the new venv (--python), so the venv needs no pip of its own.
         _run([sys.executable, "-m", "pip", "--python", str(_venv_python(staging)), "install", "--quiet",
-              "--no-input", f"transformers=={version}", "safetensors"], f"installing transformers=={version}")
+              "--no-input", f"transformers=={version}", "safetensors", *extras], f"installing transformers=={version}")
         # Relocating a venv breaks its scripts' shebangs, not `bin/python -c`; only that is used.
         shutil.rmtree(venv, ignore_errors=True)
         staging.rename(venv)
@@ -188,6 +190,47 @@ def _probe(python: Path) -> dict:
     if proc.returncode != 0:
         raise CompatEnvError(f"{python} cannot import torch/transformers:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# llama.cpp's HF -> GGUF converter is not a PyPI package of its own; llama-cpp-python's source
+# distribution vendors llama.cpp, converter and gguf-py included. Only those files are used (nothing is
+# compiled); the converter's requirements pin transformers 4.57.6 and need sentencepiece.
+LLAMA_CPP_PYTHON = "0.3.36"
+CONVERTER_TRANSFORMERS = "4.57.6"
+CONVERTER_EXTRAS = ("sentencepiece",)
+
+
+def ensure_gguf_converter(*, log=print) -> tuple[Path, Path]:
+    """``(python, llama.cpp dir)``: an environment the converter runs in, and the folder holding
+    ``convert_hf_to_gguf.py``, ``conversion/`` and ``gguf-py/`` (downloaded once, cached)."""
+    import tarfile
+
+    root = compat_root()
+    python = ensure_env(CONVERTER_TRANSFORMERS, extras=CONVERTER_EXTRAS, log=log)
+    target = root / f"llama.cpp-from-llama-cpp-python-{LLAMA_CPP_PYTHON}"
+    with open(root / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "convert_hf_to_gguf.py").is_file():
+            return python, target
+        download = root / "downloads"
+        download.mkdir(exist_ok=True)
+        log(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON} source distribution (llama.cpp's converter)")
+        _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+              f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(download)], "downloading llama-cpp-python")
+        archive = download / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+        keep = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+        staging = target.with_name(target.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)
+                       and m.name[len(prefix):].startswith(keep) and (m.isfile() or m.isdir())]
+            for member in members:
+                member.name = member.name[len(prefix):]
+            tar.extractall(staging, members=members, filter="data")
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        return python, target
 
 
 def main(argv: list[str] | None = None) -> int:

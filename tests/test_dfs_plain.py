@@ -23,21 +23,9 @@ from evomerge_opt.dfs import plain
 from evomerge_opt.dfs.stream import stream_dfs_apply
 from evomerge_opt.errors import ConfigError, ShapeMismatchError
 
+from _dfs_families import random_family as _family
+
 D = 32
-
-
-def _family(root: Path, spec, tokenizer, init_std: float = 0.05) -> dict[str, str]:
-    from evomerge_opt.zoo.random_models import perturbed_copy_, random_model
-
-    out = {}
-    for index, name in enumerate(("base", "ft0", "ft1")):
-        model = random_model(spec, seed=0, init_std=init_std)
-        if index:
-            perturbed_copy_(model, 0.02, seed=index)
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        out[name] = str(root / name)
-    return out
 
 
 @pytest.fixture(scope="module")
