@@ -24,8 +24,8 @@ from pathlib import Path
 
 assert importlib.util.find_spec("evomerge_opt") is None, "evomerge_opt is importable; this check must run without it"
 
-import numpy as np  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
+import numpy as np
+from safetensors.numpy import load_file
 
 # GGUF names of a Llama checkpoint's tensors (per layer and global).
 LAYER = {"self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k", "self_attn.v_proj.weight": "attn_v",

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _dfs_families import random_family
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from _dfs_families import random_family
 from evomerge_opt.dfs.stream import stream_dfs_apply
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,7 +219,7 @@ def test_plain_export_converts_to_gguf_like_any_llama(matrix_jobs, tmp_path):
     takes a ``--format plain`` export as it takes a standard Llama, and writes exactly its tensors."""
     if os.environ.get("EVOMERGE_SKIP_COMPAT") == "1":
         pytest.skip("EVOMERGE_SKIP_COMPAT=1: the GGUF conversion check was skipped on purpose")
-    jobs, info = matrix_jobs
+    jobs, _ = matrix_jobs
     dirs = {job["name"]: job["dir"] for job in jobs}
     checks = []
     for name in ("llama", "mistral"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _dfs_families import random_family as _family
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -22,8 +23,6 @@ from evomerge_opt.config.yamlio import save_yaml
 from evomerge_opt.dfs import plain
 from evomerge_opt.dfs.stream import stream_dfs_apply
 from evomerge_opt.errors import ConfigError, ShapeMismatchError
-
-from _dfs_families import random_family as _family
 
 D = 32
 
