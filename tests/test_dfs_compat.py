@@ -105,6 +105,8 @@ def _reference(model_dir: Path, kind: str, out: Path, ids: torch.Tensor, generat
 @pytest.fixture(scope="module")
 def matrix_jobs(tmp_path_factory, tiny_tokenizer) -> tuple[list[dict], dict]:
     """The directories every environment loads, their reference outputs, and what is expected of each."""
+    if os.environ.get("EVOMERGE_SKIP_COMPAT") == "1":
+        pytest.skip("EVOMERGE_SKIP_COMPAT=1: the transformers compatibility matrix was skipped on purpose")
     from transformers import LlamaForSequenceClassification, MistralForSequenceClassification
 
     from evomerge_opt.zoo.random_models import TINY_LLAMA, TINY_MISTRAL
@@ -177,8 +179,6 @@ def _run_check(python: Path, jobs_file: Path, work: Path) -> dict:
 
 @pytest.mark.parametrize("version", _version_params())
 def test_dfs_directories_under_transformers(version, matrix_jobs, tmp_path):
-    if os.environ.get("EVOMERGE_SKIP_COMPAT") == "1":
-        pytest.skip("EVOMERGE_SKIP_COMPAT=1: the transformers compatibility matrix was skipped on purpose")
     jobs, info = matrix_jobs
     python = compat_env.ensure_env(version, log=lambda msg: print(msg, file=sys.stderr))
     report = _run_check(python, info["root"] / "jobs.json", tmp_path)
@@ -217,8 +217,6 @@ def test_dfs_directories_under_transformers(version, matrix_jobs, tmp_path):
 def test_plain_export_converts_to_gguf_like_any_llama(matrix_jobs, tmp_path):
     """llama.cpp's own HF -> GGUF converter (from llama-cpp-python's source distribution, nothing compiled)
     takes a ``--format plain`` export as it takes a standard Llama, and writes exactly its tensors."""
-    if os.environ.get("EVOMERGE_SKIP_COMPAT") == "1":
-        pytest.skip("EVOMERGE_SKIP_COMPAT=1: the GGUF conversion check was skipped on purpose")
     jobs, _ = matrix_jobs
     dirs = {job["name"]: job["dir"] for job in jobs}
     checks = []

@@ -263,3 +263,16 @@ def test_model_construct_and_test_accept_both_formats(families, tmp_path, capsys
     rc = main(["model", "--model", str(flat), "--device", "cpu", "construct"])
     assert rc == 0 and "Class: LlamaForCausalLM" in capsys.readouterr().out
     assert main(["model", "--model", str(flat), "--format", "plain", "construct"]) == 2
+
+
+def test_cli_apply_format_plain(families, tmp_path, capsys):
+    paths = [families["llama"][k] for k in ("base", "ft0", "ft1")]
+    recipe = save_yaml(_path_recipe(paths), tmp_path / "route.yml")
+    assert main(["apply", str(recipe), "--out", str(tmp_path / "flat"), "--format", "plain", "--no-progress"]) == 0
+    assert "plain format" in capsys.readouterr().out
+    config = json.loads((tmp_path / "flat" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "bfloat16"
+    # --format belongs to DFS recipes: a PS recipe with it is refused, nothing written.
+    ps = save_yaml({"merge_method": "linear", "models": [{"model": paths[0]}, {"model": paths[1]}]}, tmp_path / "ps.yml")
+    assert main(["apply", str(ps), "--out", str(tmp_path / "ps_out"), "--format", "plain"]) == 2
+    assert "data-flow-space" in capsys.readouterr().err and not (tmp_path / "ps_out").exists()
