@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: env demo test test-all postgres lint clean
+.PHONY: env demo test test-all test-compat postgres lint clean
 
 # The stamp depends on the files that define the environment, so editing them reinstalls.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -30,6 +30,10 @@ test: env
 
 test-all: env
 	bash scripts/run_tests.sh --all
+
+# The DFS transformers-compatibility matrix (every version in scripts/compat_env.py) and the GGUF check.
+test-compat: env
+	$(VENV)/bin/python -m pytest -m compat tests/test_dfs_compat.py
 
 lint: env
 	$(VENV)/bin/ruff check evomerge_opt tests benchmarks

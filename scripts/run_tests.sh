@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Runs the test suite. Starts a throw-away PostgreSQL server for the multi-worker tests when one can be
 # had (installing Debian's postgresql under CI), and treats pytest's exit code 5 (no tests) as failure.
+# The default marker ("not slow") includes the `compat` tests of the oldest and newest transformers
+# (tests/test_dfs_compat.py: throw-away venvs from PyPI, cached under ~/.cache/evomerge/compat); the
+# rest of that matrix is also `slow` (make test-all / make test-compat).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}

@@ -187,9 +187,17 @@ def test_generate_with_and_without_cache_agree(family, request):
         out = candidate(ids, use_cache=True)
     cache = out.past_key_values
     assert len(cache.layers) == len(candidate.config.hop_table)  # KV cache indexed by hop
+    # Full cache layers on every transformers version; Mistral's window is applied by the mask.
+    assert all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
     if family == "mistrals":
-        assert all(type(layer).__name__ == "DynamicSlidingWindowLayer" for layer in cache.layers)
         assert candidate.config.sliding_window == 16
+        # A cache with sliding-window layers (cropped keys) is refused, not silently mis-masked.
+        from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+        sliding = DynamicCache()
+        sliding.layers = [DynamicSlidingWindowLayer(sliding_window=16) for _ in candidate.config.hop_table]
+        with pytest.raises(ValueError, match="non-sliding"), torch.no_grad():
+            candidate(ids, past_key_values=sliding, use_cache=True)
 
 
 def test_batched_left_padded_generation_matches_uncached(llamas):

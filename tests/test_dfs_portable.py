@@ -15,9 +15,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from evomerge_opt.config.yamlio import save_yaml
-from evomerge_opt.dfs.api import apply_dfs_recipe, dfs_merge_from_config
+from evomerge_opt.dfs.api import dfs_merge_from_config
 from evomerge_opt.dfs.build import build_dfs_candidate
 from evomerge_opt.dfs.save import MODELING_FILE, RECIPE_FILE, save_dfs_model
+from evomerge_opt.dfs.stream import apply_dfs_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 D = 32

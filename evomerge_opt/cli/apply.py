@@ -19,14 +19,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="Replace --out if it exists (only once the new one is complete).")
     parser.add_argument("--max-shard-size", default="5GB", help="Largest safetensors shard, e.g. 2GB or 500MB (default 5GB).")
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    parser.add_argument("--format", choices=("evo", "plain"), default="evo",
+                        help="DFS recipes only: evo (default: the portable Evo*Affine model, any recipe) or plain "
+                             "(a standard Llama/Mistral, one layer per hop, scalar scales folded in; no remote code).")
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge_opt.api import apply_recipe
+    from evomerge_opt.api import apply_recipe, check_output_format
     from evomerge_opt.config.recipe import PSRecipe, load_recipe
 
     started = time.perf_counter()
     recipe = load_recipe(args.recipe)
+    check_output_format(recipe, args.format)
     ahead = None
     if isinstance(recipe, PSRecipe):
         from evomerge_opt.merge import prepass  # numpy only: forks before torch is imported
@@ -35,11 +39,11 @@ def run(args: argparse.Namespace) -> int:
         _import_merge_engine()  # imports torch while the pre-pass runs
         kind = f"{recipe.merge_method} merge of {len(recipe.models)} model(s)"
     else:
-        kind = "data-flow-space merge"
+        kind = f"data-flow-space merge, {args.format} format"
     out = apply_recipe(
         recipe, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
         max_shard_size=args.max_shard_size, progress=not args.no_progress,
-        known_topk=ahead.result() if ahead is not None else None,
+        known_topk=ahead.result() if ahead is not None else None, format=args.format,
     )
     weights = sorted(out.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in weights)

@@ -59,6 +59,9 @@ def _model_options(parser: argparse.ArgumentParser | Any, suppress: bool) -> Non
     parser.add_argument("--trust-remote-code", action="store_true", default=default(False),
                         help="Allow custom modeling code of a --model directory (evo-merge's DFS models "
                              "never need it)")
+    parser.add_argument("--format", choices=("evo", "plain"), default=default("evo"),
+                        help="--recipe with a DFS recipe: evo (default, the Evo*Affine wrapper) or plain (a standard "
+                             "Llama/Mistral with one layer per hop, as `evo-merge apply --format plain` writes)")
     parser.add_argument("--max-shard-size", default=default("5GB"),
                         help="Largest weights shard written by --save-checkpoint (default: 5GB)")
 
@@ -149,10 +152,14 @@ def run(args: argparse.Namespace) -> int:
             "--save-checkpoint needs a real device: pass --device cpu (the model on 'meta' has no weights to save)."
         )
     dtype = parse_dtype(args.dtype) if args.dtype else None
+    if args.format != "evo" and not args.recipe:
+        raise ConfigError("--format plain chooses how a DFS --recipe is built; a --model directory or --config "
+                          "already has its format. Drop --format, or give --recipe DFS_RECIPE.")
     source = make_source(args.config, args.model, args.recipe, size_overrides(args), args.model_name)
     options = ConstructOptions(
         device=args.device, dtype=dtype, init_weights=not args.no_init_weights, seed=args.seed,
         attn_implementation=args.attn_implementation, trust_remote_code=args.trust_remote_code,
+        format=args.format,
     )
     if args.output_dir:
         output_dir: Path | None = Path(args.output_dir)

@@ -3,14 +3,13 @@
 Loads the sources of a DFS recipe (paths, ``zoo:`` refs, hub ids with revisions, PEFT adapters, or
 inline parameter-space recipes merged in memory first: PS+DFS), builds the candidate by reference
 (:func:`evomerge_opt.dfs.build.build_dfs_candidate`) and optionally writes a portable directory
-(:func:`evomerge_opt.dfs.save.save_dfs_model`). ``apply_dfs_recipe`` is the ``evo-merge apply`` path.
+(:func:`evomerge_opt.dfs.save.save_dfs_model`). The ``evo-merge apply`` path streams instead: :func:`evomerge_opt.dfs.stream.apply_dfs_recipe`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from evomerge_opt.errors import ModelSourceError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_dfs_recipe", "dfs_excute_from_config", "dfs_merge_from_config", "load_dfs_sources", "save_dfs_model"]
+__all__ = ["dfs_excute_from_config", "dfs_merge_from_config", "load_dfs_sources", "save_dfs_model"]
 
 
 def _is_seq_cls(path: str, revision: str | None) -> bool:
@@ -135,24 +134,6 @@ def dfs_merge_from_config(
         dtype = save_dtype if save_dtype is not None else recipe.output_dtype_name()
         save_dfs_model(model, tokenizer, output_path, dtype=dtype, overwrite=overwrite, recipe=recipe)
     return model, tokenizer
-
-
-def apply_dfs_recipe(
-    recipe: str | os.PathLike[str] | dict[str, Any] | DFSRecipe,
-    out_dir: str | os.PathLike[str],
-    device: str = "cpu",
-    dtype: str | torch.dtype | None = None,
-    overwrite: bool = False,
-    load_dtype: str | torch.dtype | None = None,
-) -> Path:
-    """``evo-merge apply`` for a DFS recipe: write the portable directory; return its path.
-
-    ``dtype`` is the saved dtype (default: the recipe's ``dtype``, else bfloat16).
-    """
-    dfs_merge_from_config(
-        recipe, output_path=out_dir, device=device, load_dtype=load_dtype, save_dtype=dtype, overwrite=overwrite
-    )
-    return Path(out_dir)
 
 
 # The seed's name for the same function (sic: "excute"), kept so seed-003 scripts run unchanged.

@@ -58,15 +58,20 @@ _DROP_CONFIG_KEYS = (
 _WARNED_ROPE: set[tuple[str, ...]] = set()
 
 
-def source_family(model: nn.Module, index: int = 0) -> str:
-    """``"llama"`` or ``"mistral"`` from the model's config; anything else is an error."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def config_family(config: Any, index: int = 0) -> str:
+    """``"llama"`` or ``"mistral"`` from a source's config; anything else is an error."""
+    model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise ShapeMismatchError(
             f"model_paths[{index}] is a {model_type!r} model; data-flow-space merging supports "
             f"{', '.join(FAMILIES)} (CausalLM or SequenceClassification)."
         )
     return model_type
+
+
+def source_family(model: nn.Module, index: int = 0) -> str:
+    """``"llama"`` or ``"mistral"`` from the model's config; anything else is an error."""
+    return config_family(getattr(model, "config", None), index)
 
 
 def source_task(model: nn.Module) -> str:
@@ -85,26 +90,22 @@ def _head(model: nn.Module, task: str) -> nn.Module:
     return model.lm_head if task == "causal_lm" else model.score
 
 
-def check_sources(models: list[nn.Module], recipe: DFSRecipe) -> tuple[str, str]:
-    """Check the loaded sources against each other and the recipe; return ``(family, task)``.
+def check_source_configs(configs: list[Any], tasks: list[str], recipe: DFSRecipe) -> tuple[str, str]:
+    """The checks of :func:`check_sources` that need only the sources' configs; ``(family, task)``.
 
-    Rules: same family (llama/mistral) and head type; same hidden size, vocabulary, head dim (the rotary
-    embedding of the output model is used for every layer), dtype and device; Mistral sliding windows
-    equal; every model has as many layers as its mask rows. (Factor sizes are checked while building.)
+    Used as they are by the streaming ``apply`` (:mod:`evomerge_opt.dfs.stream`), which never loads a model.
     """
-    if len(models) != recipe.num_models:
+    if len(configs) != recipe.num_models:
         raise ConfigError(
-            f"`len(models) == len(model_paths)` must hold, but got {len(models)} models for "
+            f"`len(models) == len(model_paths)` must hold, but got {len(configs)} models for "
             f"{recipe.num_models} model_paths entries."
         )
-    families = [source_family(m, i) for i, m in enumerate(models)]
-    tasks = [source_task(m) for m in models]
+    families = [config_family(c, i) for i, c in enumerate(configs)]
     if len(set(families)) > 1 or len(set(tasks)) > 1:
         raise ShapeMismatchError(
             f"All sources must share an architecture and head, but got {list(zip(families, tasks))}; "
             "merge Llama with Llama and Mistral with Mistral, all CausalLM or all SequenceClassification."
         )
-    configs = [m.config for m in models]
 
     def same(attr: str, getter=None) -> None:
         values = [getter(c) if getter else getattr(c, attr, None) for c in configs]
@@ -119,19 +120,6 @@ def check_sources(models: list[nn.Module], recipe: DFSRecipe) -> tuple[str, str]
     same("head_dim", lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     if families[0] == "mistral":
         same("sliding_window")
-    dtypes = [next(m.parameters()).dtype for m in models]
-    devices = [next(m.parameters()).device for m in models]
-    if len(set(dtypes)) > 1 or len(set(devices)) > 1:
-        raise ShapeMismatchError(
-            f"All source models must be on one device with one dtype, but got dtypes {dtypes} and devices "
-            f"{devices}; load them with the same dtype and device."
-        )
-    attn = [c._attn_implementation for c in configs]
-    if len(set(attn)) > 1:
-        raise ShapeMismatchError(
-            f"All source models must use the same attention implementation (it decides the mask format), "
-            f"but got {attn}; load them with the same attn_implementation."
-        )
     rope = [repr(getattr(c, "rope_parameters", None)) for c in configs]
     if len(set(rope)) > 1 and tuple(rope) not in _WARNED_ROPE:  # once per set of sources, not per trial
         _WARNED_ROPE.add(tuple(rope))
@@ -148,6 +136,37 @@ def check_sources(models: list[nn.Module], recipe: DFSRecipe) -> tuple[str, str]
                 f"{config.num_hidden_layers} for that model."
             )
     return families[0], tasks[0]
+
+
+def check_sources(models: list[nn.Module], recipe: DFSRecipe) -> tuple[str, str]:
+    """Check the loaded sources against each other and the recipe; return ``(family, task)``.
+
+    Rules: same family (llama/mistral) and head type; same hidden size, vocabulary, head dim (the rotary
+    embedding of the output model is used for every layer), dtype and device; Mistral sliding windows
+    equal; every model has as many layers as its mask rows. (Factor sizes are checked while building.)
+    """
+    if len(models) != recipe.num_models:
+        raise ConfigError(
+            f"`len(models) == len(model_paths)` must hold, but got {len(models)} models for "
+            f"{recipe.num_models} model_paths entries."
+        )
+    for i, m in enumerate(models):
+        source_family(m, i)
+    family, task = check_source_configs([m.config for m in models], [source_task(m) for m in models], recipe)
+    dtypes = [next(m.parameters()).dtype for m in models]
+    devices = [next(m.parameters()).device for m in models]
+    if len(set(dtypes)) > 1 or len(set(devices)) > 1:
+        raise ShapeMismatchError(
+            f"All source models must be on one device with one dtype, but got dtypes {dtypes} and devices "
+            f"{devices}; load them with the same dtype and device."
+        )
+    attn = [m.config._attn_implementation for m in models]
+    if len(set(attn)) > 1:
+        raise ShapeMismatchError(
+            f"All source models must use the same attention implementation (it decides the mask format), "
+            f"but got {attn}; load them with the same attn_implementation."
+        )
+    return family, task
 
 
 def _factor_tensor(
@@ -215,14 +234,27 @@ def make_evo_config(
     bias_kinds: list[str],
     source_names: list[str] | None = None,
 ):
+    """The ``Evo*AffineConfig`` of a candidate from its loaded sources (see :func:`evo_config_for`)."""
+    return evo_config_for([m.config for m in models], recipe, family, task, scale_kinds, bias_kinds, source_names)
+
+
+def evo_config_for(
+    configs: list[Any],
+    recipe: DFSRecipe,
+    family: str,
+    task: str,
+    scale_kinds: list[str],
+    bias_kinds: list[str],
+    source_names: list[str] | None = None,
+):
     """The ``Evo*AffineConfig`` of a candidate: the output model's config plus the routing.
 
-    Token ids come from the input model (its tokenizer is the output's); the head is tied only when
-    embeddings and head come from the same model and that model ties them. ``num_hidden_layers`` is
-    the number of hops (one KV-cache layer per hop).
+    ``configs`` are the sources' configs. Token ids come from the input model (its tokenizer is the
+    output's); the head is tied only when embeddings and head come from the same model and that model
+    ties them. ``num_hidden_layers`` is the number of hops (one KV-cache layer per hop).
     """
-    out_config = models[recipe.output_layer_model].config
-    in_config = models[recipe.input_layer_model].config
+    out_config = configs[recipe.output_layer_model]
+    in_config = configs[recipe.input_layer_model]
     tied = bool(
         recipe.input_layer_model == recipe.output_layer_model and getattr(out_config, "tie_word_embeddings", False)
     )
@@ -237,11 +269,11 @@ def make_evo_config(
     config.output_layer_model = recipe.output_layer_model
     config.num_r = recipe.num_r
     config.num_source_models = recipe.num_models
-    config.source_num_layers = [m.config.num_hidden_layers for m in models]
+    config.source_num_layers = [c.num_hidden_layers for c in configs]
     config.source_model_names = list(source_names or [s.name for s in recipe.sources])
     config.num_hidden_layers = len(config.hop_table)
     config.architectures = list(config.architectures)
-    evo._check_evo_fields(config)
+    evo._finish_evo_config(config)  # layer_types for the hops, then the consistency checks
     return config
 
 

@@ -16,15 +16,34 @@
 # Storage: a decoder layer used at several hops is stored once (`model.layers` holds the P unique
 # "physical" layers; `config.hop_to_physical[t]` maps hop t to one of them). The KV cache is indexed by
 # hop, not by physical layer: `config.num_hidden_layers` is T, so `DynamicCache(config=config)` has one
-# cache layer per hop (sliding-window layers for Mistral with a sliding window), and each hop's layer
-# writes into cache layer t through `_HopCacheView`, whatever `layer_idx` its attention module holds.
+# cache layer per hop, and each hop's layer writes into cache layer t through `_HopCacheView`, whatever
+# `layer_idx` its attention module holds.
+#
+# Portability (verified on transformers 4.57.6, 5.0.0, 5.12.1, 5.23.0, 5.24.0 and 5.25.0): the parts of
+# transformers that moved between those versions are not used, or are used after detecting the feature
+# (signatures and dataclass fields, never version numbers):
+# * the attention mask for eager / sdpa attention is built here (`_causal_mask`), exactly as
+#   transformers' masking utilities build it (same boolean / additive pattern and the same sdpa
+#   "is_causal" shortcut), instead of calling `create_causal_mask`, whose keywords changed
+#   (`input_embeds` -> `inputs_embeds`, `past_key_values` -> `cache`); other attention implementations
+#   (flash, flex) get the library's mask, called with the keywords its signature has;
+# * the cache keyword of the decoder layers (`past_key_values` up to 5.23, `cache` from 5.24), whether
+#   they take `cache_position`, and the cache field of the output classes are read from signatures;
+# * every cache layer is a full one (`config.layer_types` = "full_attention" per hop): a sliding
+#   window (Mistral) is applied by the mask, so the keys a hop sees are always positions 0..past+q-1
+#   and the mask never depends on how a version crops sliding-window caches (a cache longer than the
+#   window costs memory, not correctness);
+# * a config saved by transformers 5 (`rope_parameters`) is read by 4.x configs too (`rope_theta`,
+#   `rope_scaling`), so the rotary embedding is the same on every version.
 from __future__ import annotations
+
+import dataclasses
+import inspect
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, LlamaConfig, MistralConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -82,7 +101,45 @@ def _init_evo_fields(config, kwargs: dict) -> dict:
     if hop_table:
         # The cache (and every per-layer config list) has one entry per hop.
         kwargs["num_hidden_layers"] = len(hop_table)
+    # Set after the parent's __init__ (`_finish_evo_config`): passing it would make some versions' Mistral
+    # config warn about alternating attention.
+    kwargs.pop("layer_types", None)
     return kwargs
+
+
+def _parameters(function) -> set[str]:
+    """Names of ``function``'s parameters (through ``functools.wraps`` decorators); empty if unknown."""
+    try:
+        return set(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _takes_rope_parameters(config_cls) -> bool:
+    """Whether the installed config class reads ``rope_parameters`` (transformers 5) or only
+    ``rope_theta`` / ``rope_scaling`` (4.x)."""
+    fields = getattr(config_cls, "__dataclass_fields__", None) or {}
+    return "rope_parameters" in fields or "rope_parameters" in _parameters(config_cls.__init__)
+
+
+def _legacy_rope(config_cls, kwargs: dict) -> dict:
+    """On 4.x configs: ``rope_parameters`` (as transformers 5 writes it) -> ``rope_theta`` + ``rope_scaling``."""
+    rope = kwargs.get("rope_parameters")
+    if not isinstance(rope, dict) or _takes_rope_parameters(config_cls):
+        return kwargs
+    kwargs = dict(kwargs)
+    kwargs.pop("rope_parameters")
+    if rope.get("rope_theta") is not None:
+        kwargs.setdefault("rope_theta", rope["rope_theta"])
+    if rope.get("rope_type", "default") != "default":
+        kwargs.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    return kwargs
+
+
+def _finish_evo_config(config) -> None:
+    # Every cache layer is a full one; a sliding window is applied by the attention mask (see the header).
+    config.layer_types = ["full_attention"] * len(config.hop_table or [None] * config.num_hidden_layers)
+    _check_evo_fields(config)
 
 
 def _check_evo_fields(config) -> None:
@@ -114,9 +171,9 @@ class EvoLlamaAffineConfig(LlamaConfig):
     model_type = "evo_llama_affine"
 
     def __init__(self, **kwargs):
-        kwargs = _init_evo_fields(self, kwargs)
+        kwargs = _legacy_rope(LlamaConfig, _init_evo_fields(self, kwargs))
         super().__init__(**kwargs)
-        _check_evo_fields(self)
+        _finish_evo_config(self)
 
 
 class EvoMistralAffineConfig(MistralConfig):
@@ -125,9 +182,9 @@ class EvoMistralAffineConfig(MistralConfig):
     model_type = "evo_mistral_affine"
 
     def __init__(self, **kwargs):
-        kwargs = _init_evo_fields(self, kwargs)
+        kwargs = _legacy_rope(MistralConfig, _init_evo_fields(self, kwargs))
         super().__init__(**kwargs)
-        _check_evo_fields(self)
+        _finish_evo_config(self)
 
 
 class EvoAffineHop(nn.Module):
@@ -184,7 +241,7 @@ class EvoAffineHop(nn.Module):
 class _HopCacheView:
     """The KV cache as seen by the decoder layer of one hop: its keys/values go to cache layer ``hop``.
 
-    Attention modules call ``past_key_values.update(k, v, self.layer_idx)``; a physical layer shared by
+    Attention modules call ``cache.update(k, v, self.layer_idx, ...)``; a physical layer shared by
     several hops has one ``layer_idx``, so the view replaces it by the hop index. Everything else is read
     from the underlying cache.
     """
@@ -202,6 +259,106 @@ class _HopCacheView:
         return getattr(self._cache, name)
 
 
+# Per decoder-layer class: (keyword its forward takes the cache by, whether it takes cache_position).
+_LAYER_CALL: dict[type, tuple[str, bool]] = {}
+
+
+def _layer_call(layer: nn.Module) -> tuple[str, bool]:
+    cls = type(layer)
+    style = _LAYER_CALL.get(cls)
+    if style is None:
+        params = _parameters(cls.forward)
+        # transformers >= 5.24 decoder layers take `cache` (and only map `past_key_values` onto it with a
+        # FutureWarning); earlier ones take `past_key_values`.
+        style = ("cache" if "cache" in params else "past_key_values", "cache_position" in params)
+        _LAYER_CALL[cls] = style
+    return style
+
+
+def _cache_field(output_cls) -> str:
+    """The name of the cache field of a transformers output class (`cache` from 5.24, else `past_key_values`)."""
+    names = {field.name for field in dataclasses.fields(output_cls)}
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def _output(output_cls, cache, **fields):
+    fields[_cache_field(output_cls)] = cache
+    return output_cls(**fields)
+
+
+def _check_cache(cache) -> None:
+    if not isinstance(cache, DynamicCache):
+        raise ValueError(  # noqa: TRY004 (transformers raises ValueError for unsupported caches too)
+            f"Evo*Affine models index the KV cache by hop and support DynamicCache only, but got "
+            f"{type(cache).__name__}; pass DynamicCache(config=model.config) or let generate() create it."
+        )
+    layers = getattr(cache, "layers", None) or []
+    if any(getattr(layer, "is_sliding", False) for layer in layers):
+        raise ValueError(
+            "Evo*Affine models need full (non-sliding) cache layers: the sliding window is applied by the "
+            "attention mask; pass DynamicCache(config=model.config) (its layer_types are all full_attention)."
+        )
+
+
+def _causal_mask(config, inputs_embeds, attention_mask, past_seen: int, cache, position_ids, cache_position):
+    """The attention mask every hop uses, for queries at positions past_seen.. and keys at 0..past+q-1.
+
+    eager: additive float mask [B, 1, q, kv] (0 where attended, dtype min elsewhere); sdpa: boolean mask
+    [B, 1, q, kv] (True where attended), or None when sdpa's ``is_causal`` gives the same pattern (no
+    padding, and q == 1 or kv == q, and the window does not cut in) — the choices transformers' own
+    masking utilities make, so an identity path reproduces the source model bit for bit. A 4D mask given
+    by the caller is used as it is. Other attention implementations get transformers' mask function.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    window = getattr(config, "sliding_window", None)
+    if impl not in ("eager", "sdpa"):
+        return _library_mask(config, inputs_embeds, attention_mask, cache, position_ids, cache_position, window)
+    batch, q_len = inputs_embeds.shape[0], inputs_embeds.shape[1]
+    kv_len = past_seen + q_len
+    device = inputs_embeds.device
+    padding = None
+    if attention_mask is not None:
+        padding = attention_mask.to(device=device, dtype=torch.bool)
+        if padding.shape[-1] < kv_len:  # as transformers: keys beyond the given mask are padding
+            padding = nn.functional.pad(padding, (0, kv_len - padding.shape[-1]))
+        padding = padding[:, :kv_len]
+    if (
+        impl == "sdpa"
+        and (q_len == 1 or kv_len == q_len)
+        and (window is None or kv_len < window)
+        and (padding is None or bool(padding.all()))
+    ):
+        return None
+    q_pos = torch.arange(past_seen, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = k_pos <= q_pos  # [q, kv]
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)
+    mask = allowed[None, None].expand(batch, 1, q_len, kv_len)
+    if padding is not None:
+        mask = mask & padding[:, None, None, :]
+    if impl == "eager":
+        mask = torch.where(mask, torch.zeros((), device=device, dtype=inputs_embeds.dtype),
+                           torch.finfo(inputs_embeds.dtype).min)
+    return mask
+
+
+def _library_mask(config, inputs_embeds, attention_mask, cache, position_ids, cache_position, window):
+    """transformers' mask function for flash/flex/... attention, called with the keywords it takes."""
+    from transformers import masking_utils
+
+    function = masking_utils.create_sliding_window_causal_mask if window is not None else masking_utils.create_causal_mask
+    params = _parameters(function)
+    kwargs = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids}
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = inputs_embeds
+    kwargs["cache" if "cache" in params else "past_key_values"] = cache
+    if "cache_position" in params:
+        kwargs["cache_position"] = cache_position
+    return function(**kwargs)
+
+
 def _family_parts(family: str):
     if family == "mistral":
         return MistralDecoderLayer, MistralRMSNorm, MistralRotaryEmbedding
@@ -213,7 +370,7 @@ class _EvoAffinePreTrainedModel(PreTrainedModel):
 
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
-    _skip_keys_device_placement = ("past_key_values",)
+    _skip_keys_device_placement = ("past_key_values", "cache")
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -228,13 +385,16 @@ class _EvoAffinePreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, EvoAffineHop):
-            if module.scale is not None:
+            # Loaded tensors carry `_is_hf_initialized` (transformers 5), and some versions (5.0) run weight
+            # init over loaded modules too, trusting init functions to skip them: so must this one.
+            scale, bias = module.scale, module.bias
+            if scale is not None and not getattr(scale, "_is_hf_initialized", False):
                 if module.scale_kind == "matrix":
-                    module.scale.copy_(torch.eye(module.scale.shape[0], dtype=module.scale.dtype))
+                    scale.copy_(torch.eye(scale.shape[0], dtype=scale.dtype))
                 else:
-                    module.scale.fill_(1.0)
-            if module.bias is not None:
-                module.bias.zero_()
+                    scale.fill_(1.0)
+            if bias is not None and not getattr(bias, "_is_hf_initialized", False):
+                bias.zero_()
             return
         super()._init_weights(module)
 
@@ -279,11 +439,6 @@ class _EvoAffineModel(_EvoAffinePreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _mask_function(self):
-        if getattr(self.config, "sliding_window", None) is not None:
-            return create_sliding_window_causal_mask
-        return create_causal_mask
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -293,8 +448,11 @@ class _EvoAffineModel(_EvoAffinePreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        cache=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        # The cache arrives as `cache` (transformers >= 5.24) or `past_key_values` (earlier).
+        cache = cache if cache is not None else past_key_values
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -302,19 +460,21 @@ class _EvoAffineModel(_EvoAffinePreTrainedModel):
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
         kwargs.pop("output_attentions", None)
         kwargs.pop("return_dict", None)
+        cache_position = kwargs.pop("cache_position", None)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)  # one cache layer per hop
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)  # one full cache layer per hop
+        if cache is not None:
+            _check_cache(cache)
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        q_len = inputs_embeds.shape[1]
+        if cache_position is None:
+            cache_position = torch.arange(past_seen, past_seen + q_len, device=inputs_embeds.device)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
-        causal_mask = self._mask_function()(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
+            position_ids = cache_position.unsqueeze(0)
+        causal_mask = _causal_mask(
+            self.config, inputs_embeds, attention_mask, past_seen, cache, position_ids, cache_position
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -324,21 +484,28 @@ class _EvoAffineModel(_EvoAffinePreTrainedModel):
                 all_hidden_states.append(hidden_states)
             hidden_states = hop(hidden_states)
             layer = self.layers[self.hop_to_physical[hop_index]]
+            cache_keyword, takes_cache_position = _layer_call(layer)
+            layer_kwargs = dict(kwargs)
+            if takes_cache_position:
+                layer_kwargs["cache_position"] = cache_position
+            layer_kwargs[cache_keyword] = None if cache is None else _HopCacheView(cache, hop_index)
             hidden_states = layer(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=None if past_key_values is None else _HopCacheView(past_key_values, hop_index),
                 use_cache=use_cache,
-                **kwargs,
+                **layer_kwargs,
             )
+            if isinstance(hidden_states, tuple):  # decoder layers of some versions return (hidden, ...)
+                hidden_states = hidden_states[0]
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
-        return BaseModelOutputWithPast(
+        return _output(
+            BaseModelOutputWithPast,
+            cache if use_cache else None,
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
         )
 
@@ -389,13 +556,14 @@ class _EvoAffineForCausalLM(_EvoAffinePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -407,10 +575,11 @@ class _EvoAffineForCausalLM(_EvoAffinePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        return _output(
+            CausalLMOutputWithPast,
+            getattr(outputs, _cache_field(type(outputs))),
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
         )
 
@@ -436,13 +605,14 @@ class _EvoAffineForSequenceClassification(_EvoAffinePreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        cache=None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -463,10 +633,11 @@ class _EvoAffineForSequenceClassification(_EvoAffinePreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-        return SequenceClassifierOutputWithPast(
+        return _output(
+            SequenceClassifierOutputWithPast,
+            getattr(outputs, _cache_field(type(outputs))),
             loss=loss,
             logits=pooled_logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
         )
 

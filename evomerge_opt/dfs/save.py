@@ -64,38 +64,64 @@ def _cast_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, to
     return out
 
 
-def _model_card(model: torch.nn.Module, recipe_yaml: str | None) -> str:
-    config = model.config
-    sources = "\n".join(f"{i}. `{name}`" for i, name in enumerate(config.source_model_names)) or "(not recorded)"
+def model_card(config: Any, class_name: str, recipe_yaml: str | None, plain: bool = False) -> str:
+    """README.md of a DFS output directory (``plain``: a standard Llama/Mistral, no remote code)."""
+    sources = "\n".join(f"{i}. `{name}`" for i, name in enumerate(getattr(config, "source_model_names", None) or []))
+    if plain:
+        names = [str(s.name) for s in _recipe_sources(recipe_yaml)]
+        sources = "\n".join(f"{i}. `{name}`" for i, name in enumerate(names)) or "(not recorded)"
+        summary = (
+            f"Built by evo-merge. A data-flow-space path written as a standard `{class_name}` with "
+            f"{config.num_hidden_layers} decoder layers, one per hop (a layer used at several hops is copied); "
+            "the hops' scalar scales are folded into each copy's `o_proj` and `down_proj`."
+        )
+        load = "model = AutoModelForCausalLM.from_pretrained(DIR)"
+        note = "No remote code: any stack that serves this architecture serves this model."
+    else:
+        summary = (
+            f"Built by evo-merge. {len(config.hop_table)} hops through {len(config.physical_layers)} distinct "
+            f"decoder layers of {config.num_source_models} source models (num_r={config.num_r}); embeddings "
+            f"from model {config.input_layer_model}, final norm and head from model {config.output_layer_model}."
+        )
+        load = "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)"
+        note = f"The modeling code is `{MODELING_FILE}` in this directory (torch + transformers only)."
     lines = [
         "---",
         "library_name: transformers",
         "tags: [merge, evo-merge, data-flow-space]",
         "---",
-        f"# {type(model).__name__} (data-flow-space merge)",
+        f"# {class_name} (data-flow-space merge)",
         "",
-        (
-            f"Built by evo-merge. {len(config.hop_table)} hops through {len(config.physical_layers)} distinct "
-            f"decoder layers of {config.num_source_models} source models (num_r={config.num_r}); embeddings "
-            f"from model {config.input_layer_model}, final norm and head from model {config.output_layer_model}."
-        ),
+        summary,
         "",
         "## Sources",
         "",
-        sources,
+        sources or "(not recorded)",
         "",
         "## Loading",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
+        load,
         "```",
         "",
-        f"The modeling code is `{MODELING_FILE}` in this directory (torch + transformers only).",
+        note,
     ]
     if recipe_yaml:
         lines += ["", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _recipe_sources(recipe_yaml: str | None) -> list[Any]:
+    if not recipe_yaml:
+        return []
+    import yaml
+
+    from evomerge_opt.config.dfs_recipe import DFSSource, _parse_source
+
+    data = yaml.safe_load(recipe_yaml) or {}
+    parsed = [_parse_source(entry, i) for i, entry in enumerate(data.get("model_paths") or [])]
+    return [s for s in parsed if isinstance(s, DFSSource)]
 
 
 def save_dfs_model(
@@ -140,6 +166,6 @@ def save_dfs_model(
             tokenizer.save_pretrained(staging)
         if recipe_yaml is not None:
             atomic_write_text(staging / RECIPE_FILE, recipe_yaml)
-        atomic_write_text(staging / "README.md", _model_card(model, recipe_yaml))
+        atomic_write_text(staging / "README.md", model_card(model.config, model_cls.__name__, recipe_yaml))
     logger.info("wrote DFS model (%s, %s) to %s", model_cls.__name__, dtype_name(target_dtype), out_dir)
     return out_dir

@@ -65,6 +65,7 @@ class ConstructOptions:
     seed: int = 0
     attn_implementation: str | None = None
     trust_remote_code: bool = False
+    format: str = "evo"  # DFS recipes: evo (Evo*Affine wrapper) or plain (standard Llama/Mistral, dfs.plain)
 
 
 @dataclass
@@ -318,6 +319,13 @@ def build_from_recipe(path: str, options: ConstructOptions) -> tuple[Any, Any]:
     device = str(_check_device(options.device))
     data = load_yaml(path)
     kind = recipe_kind(data)
+    if options.format not in ("evo", "plain"):
+        raise ConfigError(f"--format must be evo or plain, but got {options.format!r}.")
+    if options.format == "plain" and kind != "dfs":
+        raise ConfigError(f"--format plain applies to data-flow-space recipes; {path} is a {kind} recipe, whose "
+                          "model is already a standard one. Drop --format.")
+    if kind == "dfs" and options.format == "plain":
+        return _build_plain_dfs(path, options, device)
     if kind == "dfs":
         from evomerge_opt.dfs.api import dfs_merge_from_config
 
@@ -333,6 +341,38 @@ def build_from_recipe(path: str, options: ConstructOptions) -> tuple[Any, Any]:
     if not tok_ref or tok_ref in ("base", "union"):
         tok_ref = recipe.base_model or recipe.models[0].model
     return model, load_tokenizer_if_any(str(tok_ref))
+
+
+def _build_plain_dfs(path: str, options: ConstructOptions, device: str) -> tuple[Any, Any]:
+    """A DFS recipe as the standard Llama/Mistral of ``--format plain`` (the same directory ``evo-merge
+    apply --format plain`` writes, streamed to a temporary directory and loaded from it): ``(model, tokenizer)``.
+    Saved in ``--dtype`` (default float32, so the folded scales lose nothing)."""
+    import tempfile
+
+    from evomerge_opt.dfs.stream import stream_dfs_apply
+
+    dtype = options.dtype or torch.float32
+    with tempfile.TemporaryDirectory(prefix="evomerge-plain-") as tmp:
+        directory = stream_dfs_apply(path, Path(tmp) / "plain", format="plain", dtype=dtype)
+        loader = _plain_loader(read_config(directory))
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if options.attn_implementation:
+            kwargs["attn_implementation"] = options.attn_implementation
+        with _translate_attn_errors(options):
+            model = loader.from_pretrained(str(directory), **kwargs)
+        # Materialise every tensor before the files go (loading may map them).
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            tensor.data = tensor.data.clone()
+        tokenizer = load_tokenizer_if_any(str(directory))
+    return model.to(device).eval(), tokenizer
+
+
+def _plain_loader(config: dict[str, Any]) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    archs = config.get("architectures") or []
+    return AutoModelForSequenceClassification if any(a.endswith("ForSequenceClassification") for a in archs) \
+        else AutoModelForCausalLM
 
 
 def _spec_differences(stored: Path, spec: ModelConfigSpec) -> list[str]:
